@@ -1,0 +1,106 @@
+"""One exception hierarchy for everything the library refuses or the kernel rejects.
+
+Every error is an :class:`OSError` that keeps the errno (0 when the library
+refused before asking the kernel) and whose message names the operation, the
+device and the cause, so that a failing test says what to fix.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Optional
+
+__all__ = [
+    "DMFlakeyError",
+    "NotRootError",
+    "KernelSupportError",
+    "UnsupportedFeatureError",
+    "DeviceExistsError",
+    "DeviceNotFoundError",
+    "DeviceBusyError",
+    "InvalidArgumentError",
+    "InvalidNameError",
+    "InvalidTableError",
+    "TableRejectedError",
+]
+
+
+class DMFlakeyError(OSError):
+    """Base class: ``operation``, ``device`` and ``cause`` are kept as attributes."""
+
+    def __init__(self, operation: str, device: Optional[str], cause: str, err: int = 0,
+                 **extra: str) -> None:
+        self.operation = operation
+        self.device = device
+        self.cause = cause
+        self._extra = extra
+        for key, value in extra.items():
+            setattr(self, key, value)
+        where = f"{operation} {device}" if device else operation
+        self.message = f"{where}: {cause}"
+        if err:
+            self.message += f" [{_errno.errorcode.get(err, err)}: {os.strerror(err)}]"
+            super().__init__(err, self.message)
+        else:
+            super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # picklable, so errors cross multiprocessing boundaries intact
+        args = (self.operation, self.device, self.cause, self.errno or 0)
+        return (_rebuild, (type(self), args, self._extra))
+
+
+def _rebuild(cls, args, extra):
+    return cls(*args, **extra)
+
+
+class NotRootError(DMFlakeyError, PermissionError):
+    """The caller lacks CAP_SYS_ADMIN (device-mapper answers EACCES)."""
+
+
+class KernelSupportError(DMFlakeyError):
+    """A kernel module (dm-mod, dm-flakey, loop) is missing or not loaded."""
+
+
+class UnsupportedFeatureError(KernelSupportError):
+    """The running kernel's dm-flakey lacks a feature.
+
+    Attributes ``feature``, ``since`` (the release that added it) and ``running``.
+    """
+
+    feature: str
+    since: str
+    running: str
+
+
+class DeviceExistsError(DMFlakeyError, FileExistsError):
+    """A device (or image file) with that name already exists."""
+
+
+class DeviceNotFoundError(DMFlakeyError, FileNotFoundError):
+    """No such device (the kernel answers ENXIO)."""
+
+
+class DeviceBusyError(DMFlakeyError):
+    """The device is open or mounted; close it and retry."""
+
+
+class InvalidArgumentError(DMFlakeyError, ValueError):
+    """Refused by the library before any ioctl: the kernel never saw it."""
+
+
+class InvalidNameError(InvalidArgumentError):
+    """A device name or uuid the kernel (or udev) would not accept."""
+
+
+class InvalidTableError(InvalidArgumentError):
+    """A table line the kernel would refuse."""
+
+
+class TableRejectedError(DMFlakeyError):
+    """The kernel refused a table; attribute ``kernel_log`` holds what it said in /dev/kmsg."""
+
+    kernel_log: str

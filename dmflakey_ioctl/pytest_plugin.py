@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures `flakey` and `flakey_factory` (see README)."""
