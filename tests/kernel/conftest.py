@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import dm_names
+
 REQUIRED = os.environ.get("DMFLAKEY_IN_GUEST") == "1" or os.environ.get("DMFLAKEY_REQUIRE_KERNEL") == "1"
 KERNEL_DIR = Path(__file__).parent
 
@@ -61,10 +63,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 def system_state() -> dict[str, set[str]]:
     """What the kernel holds right now, read from sysfs and procfs only."""
-    dm = {p.read_text().strip() for p in Path("/sys/block").glob("dm-*/dm/name")}
+    dm = dm_names()
     loops = set()
     for p in Path("/sys/block").glob("loop*/loop/backing_file"):
-        loops.add(f"{p.parent.parent.name}:{p.read_text().strip()}")
+        try:
+            loops.add(f"{p.parent.parent.name}:{p.read_text().strip()}")
+        except OSError:
+            continue
     mapper = {p.name for p in Path("/dev/mapper").iterdir()} if Path("/dev/mapper").is_dir() else set()
     mounts = {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()}
     return {"dm devices": dm, "loop devices": loops, "/dev/mapper nodes": mapper, "mounts": mounts}

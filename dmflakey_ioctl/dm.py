@@ -1,0 +1,720 @@
+"""Device-mapper through ioctls on ``/dev/mapper/control``, with no dmsetup and no udev.
+
+Every request is a ``struct dm_ioctl`` header (interface version 4, 312
+bytes) packed in one place, :func:`pack_request`, followed by the command's
+payload.  The kernel writes its answer into the same buffer; when it did not
+fit, the kernel sets ``DM_BUFFER_FULL_FLAG`` and the call is repeated with a
+bigger buffer.  A :class:`Control` is the context object over the control
+file; the module-level functions use one shared, lazily opened instance.
+
+Device nodes: after a resume, ``/dev/mapper/<name>`` exists.  Where a running
+udev has device-mapper rules it creates the node and we wait for it (bounded);
+everywhere else (containers, the test guest) we mknod it from the device number
+the kernel returned, and unlink it again on remove.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+from . import nodes
+from .errors import (DeviceBusyError, DeviceExistsError, DeviceNotFoundError, DMFlakeyError,
+                     InvalidArgumentError, InvalidNameError, InvalidTableError, KernelSupportError,
+                     NotRootError, TableRejectedError)
+
+__all__ = [
+    "Command", "Flag", "Target", "DeviceInfo", "ListedDevice", "Control", "PreparedCall",
+    "check_name", "check_uuid", "pack_request", "control",
+    "version", "create", "load", "suspend", "resume", "remove", "clear", "info", "table", "status",
+    "list_devices", "target_versions", "target_version", "message",
+    "CONTROL_PATH", "MAPPER_DIR",
+]
+
+CONTROL_PATH = "/dev/mapper/control"
+MAPPER_DIR = "/dev/mapper"
+CONTROL_RDEV = os.makedev(10, 236)
+
+HEADER = struct.Struct("=3IIIIiIIIQ128s129s7s")   # struct dm_ioctl
+HEADER_DATA = 305                                  # offsetof(struct dm_ioctl, data)
+TARGET_SPEC = struct.Struct("=QQiI16s")           # struct dm_target_spec
+NAME_LIST = struct.Struct("=QI")                   # struct dm_name_list (name at 12)
+NAME_LIST_NAME = 12
+TARGET_VERSIONS = struct.Struct("=I3I")            # struct dm_target_versions (name at 16)
+U32 = struct.Struct("=I")
+U32X2 = struct.Struct("=II")
+U64 = struct.Struct("=Q")
+
+INTERFACE = (4, 0, 0)
+NAME_MAX = 127       # DM_NAME_LEN - 1
+UUID_MAX = 128       # DM_UUID_LEN - 1
+TYPE_MAX = 15        # DM_MAX_TYPE_NAME - 1
+BUFFER_START = 16384
+BUFFER_MAX = 32 << 20
+RESERVED_NAMES = {"control", ".", ".."}
+
+
+class Command(enum.IntEnum):
+    """The dm ioctl commands (``_IOWR(0xfd, nr, struct dm_ioctl)``)."""
+
+    VERSION = 0
+    REMOVE_ALL = 1
+    LIST_DEVICES = 2
+    DEV_CREATE = 3
+    DEV_REMOVE = 4
+    DEV_RENAME = 5
+    DEV_SUSPEND = 6
+    DEV_STATUS = 7
+    DEV_WAIT = 8
+    TABLE_LOAD = 9
+    TABLE_CLEAR = 10
+    TABLE_DEPS = 11
+    TABLE_STATUS = 12
+    LIST_VERSIONS = 13
+    TARGET_MSG = 14
+    DEV_SET_GEOMETRY = 15
+    DEV_ARM_POLL = 16
+    GET_TARGET_VERSION = 17
+
+    @property
+    def request(self) -> int:
+        return (3 << 30) | (HEADER.size << 16) | (0xFD << 8) | self.value
+
+
+class Flag(enum.IntFlag):
+    """``struct dm_ioctl`` flags."""
+
+    NONE = 0
+    READONLY = 1 << 0
+    SUSPEND = 1 << 1
+    PERSISTENT_DEV = 1 << 3
+    STATUS_TABLE = 1 << 4
+    ACTIVE_PRESENT = 1 << 5
+    INACTIVE_PRESENT = 1 << 6
+    BUFFER_FULL = 1 << 8
+    SKIP_LOCKFS = 1 << 10
+    NOFLUSH = 1 << 11
+    QUERY_INACTIVE_TABLE = 1 << 12
+    UEVENT_GENERATED = 1 << 13
+    UUID = 1 << 14
+    DATA_OUT = 1 << 16
+    DEFERRED_REMOVE = 1 << 17
+    INTERNAL_SUSPEND = 1 << 18
+
+
+# udev cookie flags (event_nr of resume and remove), lvm2's values shifted by 16.
+UDEV_PRIMARY_SOURCE = 0x40 << 16
+UDEV_DISABLE_DM_RULES = 0x01 << 16
+UDEV_DISABLE_SUBSYSTEM_RULES = 0x02 << 16
+UDEV_DISABLE_DISK_RULES = 0x04 << 16
+UDEV_DISABLE_OTHER_RULES = 0x08 << 16
+
+
+@dataclass(frozen=True)
+class Target:
+    """One line of a table, or of a status: sectors ``start`` .. ``start+length``."""
+
+    start: int
+    length: int
+    target_type: str
+    params: str
+
+    def line(self) -> str:
+        return f"{self.start} {self.length} {self.target_type} {self.params}".rstrip()
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What DM_DEV_STATUS says about a device."""
+
+    name: str
+    uuid: str
+    major: int
+    minor: int
+    open_count: int
+    event_nr: int
+    suspended: bool
+    live_table: bool
+    inactive_table: bool
+    read_only: bool
+    target_count: int
+    deferred_remove: bool = False
+
+    @property
+    def path(self) -> str:
+        return f"{MAPPER_DIR}/{self.name}"
+
+    @property
+    def dev(self) -> int:
+        return os.makedev(self.major, self.minor)
+
+
+@dataclass(frozen=True)
+class ListedDevice:
+    """One entry of DM_LIST_DEVICES; ``uuid`` is None where the kernel does not report it."""
+
+    name: str
+    major: int
+    minor: int
+    uuid: Optional[str] = None
+
+
+TargetLike = Union[Target, Sequence[object]]
+
+
+def check_name(name: object, operation: str = "check name") -> bytes:
+    """The name as the kernel will store it, or InvalidNameError before any ioctl."""
+    if not isinstance(name, str):
+        raise InvalidNameError(operation, repr(name), "a device name must be a str")
+    raw = name.encode("utf-8", "surrogateescape")
+    problem = None
+    if not raw:
+        problem = "the name is empty"
+    elif len(raw) > NAME_MAX:
+        problem = f"the name is {len(raw)} bytes long; the kernel allows {NAME_MAX}"
+    elif "/" in name:
+        problem = "a device name cannot contain '/'"
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        problem = "a device name cannot contain NUL or control characters"
+    elif name in RESERVED_NAMES:
+        problem = f"{name!r} is reserved by device-mapper"
+    if problem:
+        raise InvalidNameError(operation, repr(name), problem)
+    return raw
+
+
+def check_uuid(uuid: object, operation: str = "check uuid") -> bytes:
+    """The uuid as bytes (empty for none), or InvalidNameError before any ioctl."""
+    if uuid is None:
+        return b""
+    if not isinstance(uuid, str):
+        raise InvalidNameError(operation, repr(uuid), "a uuid must be a str")
+    raw = uuid.encode("utf-8", "surrogateescape")
+    problem = None
+    if not raw:
+        problem = "the uuid is empty (pass None for no uuid)"
+    elif len(raw) > UUID_MAX:
+        problem = f"the uuid is {len(raw)} bytes long; the kernel allows {UUID_MAX}"
+    elif "/" in uuid or any(ord(c) < 0x20 or ord(c) == 0x7F for c in uuid):
+        problem = "a uuid cannot contain '/', NUL or control characters"
+    if problem:
+        raise InvalidNameError(operation, repr(uuid), problem)
+    return raw
+
+
+def pack_request(*, name: bytes = b"", uuid: bytes = b"", flags: int = 0, dev: int = 0,
+                 event_nr: int = 0, target_count: int = 0, payload: bytes = b"",
+                 size: int = 0) -> bytearray:
+    """A request buffer: the header, then the payload at offset 312, then free space."""
+    size = max(size, HEADER.size + len(payload))
+    buf = bytearray(size)
+    HEADER.pack_into(buf, 0, *INTERFACE, size, HEADER.size, target_count, 0, flags, event_nr, 0,
+                     dev, name, uuid, b"")
+    buf[HEADER.size:HEADER.size + len(payload)] = payload
+    return buf
+
+
+def pack_targets(targets: Iterable[TargetLike], operation: str, device: str) -> tuple[bytes, int]:
+    """The TABLE_LOAD payload for targets; refuses what the kernel would refuse."""
+    chunks = []
+    expected = 0
+    for item in targets:
+        target = item if isinstance(item, Target) else Target(*item)  # type: ignore[arg-type]
+        start, length, kind, params = target.start, target.length, target.target_type, target.params
+        for label, value in (("start", start), ("length", length)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 64:
+                raise InvalidTableError(operation, device, f"target {label} {value!r} is not a sector count")
+        if length == 0:
+            raise InvalidTableError(operation, device, "a target cannot have zero length")
+        if start != expected:
+            raise InvalidTableError(operation, device, f"targets must be contiguous from sector 0: "
+                                    f"expected start {expected}, got {start}")
+        expected = start + length
+        if not isinstance(kind, str) or not kind or len(kind.encode()) > TYPE_MAX \
+                or not kind.isascii() or any(c.isspace() or c == "\0" for c in kind):
+            raise InvalidTableError(operation, device, f"bad target type {kind!r}")
+        if not isinstance(params, str) or "\0" in params:
+            raise InvalidTableError(operation, device, f"bad target parameters {params!r}")
+        text = params.encode() + b"\0"
+        text += bytes(-(TARGET_SPEC.size + len(text)) % 8)
+        chunks.append(TARGET_SPEC.pack(start, length, 0, TARGET_SPEC.size + len(text), kind.encode())
+                      + text)
+    if not chunks:
+        raise InvalidTableError(operation, device, "a table needs at least one target")
+    return b"".join(chunks), len(chunks)
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class Reply:
+    """The kernel's answer: the header fields and the data that follows them."""
+
+    __slots__ = ("buffer", "version", "data_size", "data_start", "target_count", "open_count",
+                 "flags", "event_nr", "dev", "name", "uuid")
+
+    def __init__(self, buf: bytearray) -> None:
+        fields = HEADER.unpack_from(buf)
+        self.buffer = buf
+        self.version = fields[0:3]
+        (self.data_size, self.data_start, self.target_count, self.open_count, self.flags,
+         self.event_nr) = fields[3:9]
+        self.dev = fields[10]
+        self.name = _cstr(fields[11])
+        self.uuid = _cstr(fields[12])
+
+    def data(self) -> bytes:
+        return bytes(self.buffer[self.data_start:self.data_size])
+
+
+def _kernel_messages(since: float) -> str:
+    """device-mapper lines from /dev/kmsg logged after ``since`` (time.monotonic())."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    lines = []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten while reading
+                continue
+            if not record:
+                break
+            head, _, text = record.decode("utf-8", "replace").partition(";")
+            parts = head.split(",")
+            if len(parts) >= 3 and int(parts[2]) / 1e6 >= since - 1.0:
+                text = text.split("\n", 1)[0]
+                if "device-mapper" in text:
+                    lines.append(text)
+    finally:
+        os.close(fd)
+    return "; ".join(lines[-4:])
+
+
+def _error(command: Command, operation: str, device: Optional[str], err: int,
+           since: float = 0.0) -> DMFlakeyError:
+    """Turn a failed ioctl into the library's exception for that case."""
+    if err in (errno.EACCES, errno.EPERM):
+        return NotRootError(operation, device, "device-mapper needs root (CAP_SYS_ADMIN in the "
+                            "initial user namespace)", err)
+    if err == errno.ENXIO:
+        return DeviceNotFoundError(operation, device, "no such device-mapper device", err)
+    if err == errno.EBUSY:
+        if command in (Command.DEV_CREATE, Command.DEV_RENAME):
+            return DeviceExistsError(operation, device, "a device with this name or uuid already "
+                                     "exists", err)
+        if command == Command.TABLE_LOAD:
+            return DeviceBusyError(operation, device, "a device in the table is in use (mounted or "
+                                   "held exclusively)", err)
+        return DeviceBusyError(operation, device, "the device is open (mounted or held by a "
+                               "process); close it and retry", err)
+    if command == Command.TABLE_LOAD and err in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+        log = _kernel_messages(since)
+        if "unknown target type" in log:
+            kind = log.split("unknown target type")[0].rstrip(": ").rsplit(" ", 1)[-1]
+            return KernelSupportError(operation, device, f"the kernel has no {kind} target: load it "
+                                      f"with `modprobe dm-{kind}` (kernel said: {log})", err)
+        cause = "the kernel refused the table"
+        if err == errno.ENOENT:
+            cause = "a device named in the table does not exist"
+        return TableRejectedError(operation, device, f"{cause} ({log or 'no kernel log'})", err,
+                                  kernel_log=log)
+    return DMFlakeyError(operation, device, f"DM_{command.name} failed", err)
+
+
+class PreparedCall:
+    """One ioctl packed in advance: each run copies the pristine template and sends it.
+
+    Used where the same request repeats (a flakey device's suspend, load and
+    resume), so that a fault switch costs little more than the ioctls themselves.
+    """
+
+    __slots__ = ("_control", "command", "_template", "operation", "device")
+
+    def __init__(self, control: "Control", command: Command, template: bytearray, operation: str,
+                 device: Optional[str]) -> None:
+        self._control = control
+        self.command = command
+        self._template = bytes(template)
+        self.operation = operation
+        self.device = device
+
+    def run(self) -> Reply:
+        return self._control.send(self.command, bytearray(self._template), self.operation, self.device)
+
+
+class Control:
+    """The control file, opened on first use, and every dm operation on it.
+
+    Thread-safe: the ioctls themselves need no lock; only the lazy open is guarded.
+    """
+
+    def __init__(self, path: str = CONTROL_PATH) -> None:
+        self.path = path
+        self._fd: Optional[int] = None
+        self._lock = threading.Lock()
+        self._version: Optional[tuple[int, int, int]] = None
+        self._pid = os.getpid()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        fd = self._fd
+        if fd is not None and self._pid == os.getpid():
+            return fd
+        with self._lock:
+            if self._fd is None or self._pid != os.getpid():
+                self._fd, self._pid = self._open(), os.getpid()
+            return self._fd
+
+    def _open(self) -> int:
+        try:
+            nodes.ensure_node(self.path, stat.S_IFCHR, CONTROL_RDEV, 0o600)
+        except PermissionError as exc:
+            raise NotRootError("open", self.path, "device-mapper needs root", exc.errno) from None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError as exc:
+            raise NotRootError("open", self.path, "device-mapper needs root (CAP_SYS_ADMIN)",
+                               exc.errno) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENODEV, errno.ENXIO, errno.ENOENT):
+                raise KernelSupportError("open", self.path, "the kernel has no device-mapper: load "
+                                         "it with `modprobe dm-mod` (CONFIG_BLK_DEV_DM)",
+                                         exc.errno) from None
+            raise DMFlakeyError("open", self.path, "cannot open the device-mapper control file",
+                                exc.errno) from None
+        buf = pack_request()
+        try:
+            fcntl.ioctl(fd, Command.VERSION.request, buf)
+        except OSError as exc:
+            os.close(fd)
+            raise _error(Command.VERSION, "version", None, exc.errno or 0) from None
+        self._version = tuple(struct.unpack_from("=3I", buf))  # type: ignore[assignment]
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "Control":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, command: Command, buf: bytearray, operation: str, device: Optional[str]) -> Reply:
+        """Send one packed request; raise the library's error on failure."""
+        since = time.monotonic()
+        try:
+            result = fcntl.ioctl(self.fileno(), command.request, buf)
+        except OSError as exc:
+            raise _error(command, operation, device, exc.errno or 0, since) from None
+        if result:  # e.g. DM_TARGET_MSG answers a positive value without errno
+            raise DMFlakeyError(operation, device, f"DM_{command.name} answered {result} "
+                                "(does the device have a live table?)")
+        return Reply(buf)
+
+    def call(self, command: Command, operation: str, device: Optional[str], *, size: int = 0,
+             **fields: object) -> Reply:
+        """Pack and send; repeat with a doubled buffer while the kernel says BUFFER_FULL."""
+        size = size or BUFFER_START
+        while True:
+            reply = self.send(command, pack_request(size=size, **fields),  # type: ignore[arg-type]
+                              operation, device)
+            if not reply.flags & Flag.BUFFER_FULL:
+                return reply
+            if size >= BUFFER_MAX:
+                raise DMFlakeyError(operation, device, f"the answer does not fit in {size} bytes",
+                                    errno.ENOBUFS)
+            size *= 2
+
+    def prepare(self, command: Command, operation: str, name: str, *, flags: int = 0,
+                event_nr: int = 0, payload: bytes = b"", target_count: int = 0) -> PreparedCall:
+        """A PreparedCall for a request that carries no output (suspend, resume, load)."""
+        raw = check_name(name, operation)
+        return PreparedCall(self, command, pack_request(name=raw, flags=flags, event_nr=event_nr,
+                                                        payload=payload, target_count=target_count),
+                            operation, name)
+
+    @staticmethod
+    def udev_cookie() -> int:
+        """event_nr flags for resume and remove: keep udev's disk rules off our devices."""
+        flags = UDEV_PRIMARY_SOURCE | UDEV_DISABLE_DISK_RULES | UDEV_DISABLE_OTHER_RULES
+        if not nodes.udev_manages_mapper():
+            flags |= UDEV_DISABLE_DM_RULES | UDEV_DISABLE_SUBSYSTEM_RULES
+        return flags
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def version(self) -> tuple[int, int, int]:
+        """The kernel's dm ioctl interface version, e.g. (4, 48, 0)."""
+        self.fileno()
+        assert self._version is not None
+        return self._version
+
+    def create(self, name: str, uuid: Optional[str] = None) -> DeviceInfo:
+        """A new device with no table (it has a device number but no node yet)."""
+        raw = check_name(name, "create")
+        reply = self.call(Command.DEV_CREATE, "create", name, name=raw,
+                          uuid=check_uuid(uuid, "create"), size=HEADER.size)
+        return self._info(reply)
+
+    def load(self, name: str, targets: Iterable[TargetLike], *, read_only: bool = False) -> None:
+        """Load a table into the inactive slot; it goes live at the next resume."""
+        raw = check_name(name, "load table")
+        payload, count = pack_targets(targets, "load table", name)
+        self.call(Command.TABLE_LOAD, "load table", name, name=raw, payload=payload,
+                  target_count=count, flags=Flag.READONLY if read_only else 0,
+                  size=HEADER.size + len(payload))
+
+    def suspend(self, name: str, *, lockfs: bool = True, flush: bool = True) -> None:
+        """Suspend I/O; lockfs=False skips the filesystem freeze, flush=False sends NOFLUSH."""
+        flags = Flag.SUSPEND | (0 if lockfs else Flag.SKIP_LOCKFS) | (0 if flush else Flag.NOFLUSH)
+        self.call(Command.DEV_SUSPEND, "suspend", name, name=check_name(name, "suspend"),
+                  flags=flags, size=HEADER.size)
+
+    def resume(self, name: str) -> DeviceInfo:
+        """Resume (swapping in a loaded table) and make sure /dev/mapper/<name> exists."""
+        reply = self.call(Command.DEV_SUSPEND, "resume", name, name=check_name(name, "resume"),
+                          event_nr=self.udev_cookie(), size=HEADER.size)
+        info = self._info(reply)
+        self._ensure_device_node(info)
+        return info
+
+    def remove(self, name: str, *, retries: int = 20, deferred: bool = False) -> bool:
+        """Remove a device and its node, retrying EBUSY with a bounded backoff.
+
+        Returns False when deferred removal was scheduled because the device is
+        still open (it disappears at its last close), True when it is gone.
+        """
+        raw = check_name(name, "remove")
+        flags = Flag.DEFERRED_REMOVE if deferred else 0
+        delay = 0.005
+        for attempt in range(retries + 1):
+            try:
+                reply = self.call(Command.DEV_REMOVE, "remove", name, name=raw, flags=flags,
+                                  event_nr=self.udev_cookie(), size=HEADER.size)
+                break
+            except DeviceBusyError:
+                if attempt == retries:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        nodes.remove_node(f"{MAPPER_DIR}/{name}", None)
+        return not reply.flags & Flag.DEFERRED_REMOVE
+
+    def clear(self, name: str) -> None:
+        """Drop the inactive (loaded but not resumed) table."""
+        self.call(Command.TABLE_CLEAR, "clear table", name, name=check_name(name, "clear table"),
+                  size=HEADER.size)
+
+    def info(self, name: str) -> DeviceInfo:
+        """DM_DEV_STATUS of a device."""
+        return self._info(self.call(Command.DEV_STATUS, "info", name,
+                                    name=check_name(name, "info"), size=HEADER.size))
+
+    def table(self, name: str, *, inactive: bool = False) -> list[Target]:
+        """The live table (or the inactive one) as the kernel prints it."""
+        flags = Flag.STATUS_TABLE | (Flag.QUERY_INACTIVE_TABLE if inactive else 0)
+        return self._targets(self.call(Command.TABLE_STATUS, "table", name,
+                                       name=check_name(name, "table"), flags=flags))
+
+    def status(self, name: str) -> list[Target]:
+        """Each target's status line (dm-flakey's is empty)."""
+        return self._targets(self.call(Command.TABLE_STATUS, "status", name,
+                                       name=check_name(name, "status")))
+
+    def list_devices(self) -> list[ListedDevice]:
+        """Every dm device on the system, with uuids where the kernel reports them (>= 4.45)."""
+        reply = self.call(Command.LIST_DEVICES, "list devices", None, flags=Flag.UUID)
+        data, out, offset = reply.data(), [], 0
+        if len(data) < NAME_LIST.size:
+            return out
+        while True:
+            dev, nxt = NAME_LIST.unpack_from(data, offset)
+            if dev == 0 and not out:
+                return out
+            name_raw = data[offset + NAME_LIST_NAME:].split(b"\0", 1)[0]
+            uuid = None
+            extra = _align8(offset + NAME_LIST_NAME + len(name_raw) + 1)
+            if extra + 8 <= len(data) and (not nxt or extra + 8 <= offset + nxt):
+                _event_nr, list_flags = U32X2.unpack_from(data, extra)
+                if list_flags & 1:
+                    uuid = _cstr(data[extra + 8:])
+                elif list_flags & 2:
+                    uuid = ""
+            out.append(ListedDevice(name_raw.decode("utf-8", "surrogateescape"), os.major(dev),
+                                    os.minor(dev), uuid))
+            if not nxt:
+                return out
+            offset += nxt
+
+    def target_versions(self) -> dict[str, tuple[int, int, int]]:
+        """The target types registered now (loaded modules only) and their versions."""
+        reply = self.call(Command.LIST_VERSIONS, "list targets", None)
+        return self._versions(reply.data())
+
+    def target_version(self, target_type: str) -> tuple[int, int, int]:
+        """One target type's version; the kernel loads its module if needed (>= 4.41)."""
+        if not isinstance(target_type, str) or not target_type or len(target_type) > TYPE_MAX:
+            raise InvalidArgumentError("target version", repr(target_type), "bad target type")
+        try:
+            reply = self.call(Command.GET_TARGET_VERSION, "target version", target_type,
+                              name=target_type.encode())
+        except DMFlakeyError as exc:
+            if exc.errno == errno.EINVAL:
+                raise KernelSupportError("target version", target_type, f"the kernel has no "
+                                         f"{target_type} target: load it with `modprobe "
+                                         f"dm-{target_type}`", exc.errno) from None
+            raise
+        return self._versions(reply.data())[target_type]
+
+    def message(self, name: str, sector: int, text: str) -> Optional[str]:
+        """Send a target message; returns the target's answer, if it gave one."""
+        if not isinstance(sector, int) or isinstance(sector, bool) or sector < 0:
+            raise InvalidArgumentError("message", name, f"sector {sector!r} is not a sector number")
+        if not isinstance(text, str) or not text or "\0" in text:
+            raise InvalidArgumentError("message", name, f"bad message {text!r}")
+        reply = self.call(Command.TARGET_MSG, "message", name, name=check_name(name, "message"),
+                          payload=U64.pack(sector) + text.encode() + b"\0")
+        if reply.flags & Flag.DATA_OUT:
+            return _cstr(reply.data())
+        return None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _info(reply: Reply) -> DeviceInfo:
+        flags = reply.flags
+        return DeviceInfo(reply.name, reply.uuid, os.major(reply.dev), os.minor(reply.dev),
+                          reply.open_count, reply.event_nr, bool(flags & Flag.SUSPEND),
+                          bool(flags & Flag.ACTIVE_PRESENT), bool(flags & Flag.INACTIVE_PRESENT),
+                          bool(flags & Flag.READONLY), reply.target_count,
+                          bool(flags & Flag.DEFERRED_REMOVE))
+
+    @staticmethod
+    def _targets(reply: Reply) -> list[Target]:
+        out, buf, first = [], reply.buffer, reply.data_start
+        offset = first
+        for _ in range(reply.target_count):
+            start, length, _status, nxt, kind = TARGET_SPEC.unpack_from(buf, offset)
+            params = _cstr(buf[offset + TARGET_SPEC.size:reply.data_size])
+            out.append(Target(start, length, _cstr(kind), params))
+            offset = first + nxt   # output 'next' counts from the first spec
+        return out
+
+    @staticmethod
+    def _versions(data: bytes) -> dict[str, tuple[int, int, int]]:
+        out, offset = {}, 0
+        while offset + TARGET_VERSIONS.size <= len(data):
+            nxt, major, minor, patch = TARGET_VERSIONS.unpack_from(data, offset)
+            out[_cstr(data[offset + TARGET_VERSIONS.size:])] = (major, minor, patch)
+            if not nxt:
+                break
+            offset += nxt
+        return out
+
+    @staticmethod
+    def _ensure_device_node(info: DeviceInfo) -> None:
+        if not info.live_table:
+            return
+        path = info.path
+        if nodes.udev_manages_mapper() and nodes.wait_for_node(path, stat.S_IFBLK, info.dev, 2.0):
+            return
+        nodes.ensure_node(path, stat.S_IFBLK, info.dev, 0o600)
+
+
+_default: Optional[Control] = None
+_default_lock = threading.Lock()
+
+
+def control() -> Control:
+    """The shared Control the module-level functions use."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Control()
+    return _default
+
+
+def version() -> tuple[int, int, int]:
+    return control().version()
+
+
+def create(name: str, uuid: Optional[str] = None) -> DeviceInfo:
+    return control().create(name, uuid)
+
+
+def load(name: str, targets: Iterable[TargetLike], *, read_only: bool = False) -> None:
+    control().load(name, targets, read_only=read_only)
+
+
+def suspend(name: str, *, lockfs: bool = True, flush: bool = True) -> None:
+    control().suspend(name, lockfs=lockfs, flush=flush)
+
+
+def resume(name: str) -> DeviceInfo:
+    return control().resume(name)
+
+
+def remove(name: str, *, retries: int = 20, deferred: bool = False) -> bool:
+    return control().remove(name, retries=retries, deferred=deferred)
+
+
+def clear(name: str) -> None:
+    control().clear(name)
+
+
+def info(name: str) -> DeviceInfo:
+    return control().info(name)
+
+
+def table(name: str, *, inactive: bool = False) -> list[Target]:
+    return control().table(name, inactive=inactive)
+
+
+def status(name: str) -> list[Target]:
+    return control().status(name)
+
+
+def list_devices() -> list[ListedDevice]:
+    return control().list_devices()
+
+
+def target_versions() -> dict[str, tuple[int, int, int]]:
+    return control().target_versions()
+
+
+def target_version(target_type: str) -> tuple[int, int, int]:
+    return control().target_version(target_type)
+
+
+def message(name: str, sector: int, text: str) -> Optional[str]:
+    return control().message(name, sector, text)
+
+
+for _function in (version, create, load, suspend, resume, remove, clear, info, table, status,
+                  list_devices, target_versions, target_version, message):
+    _function.__doc__ = getattr(Control, _function.__name__).__doc__
+del _function

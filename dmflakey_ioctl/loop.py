@@ -1,0 +1,302 @@
+"""Loop devices through ioctls: attach a backing file, read one back, detach it.
+
+A free device comes from ``/dev/loop-control`` (LOOP_CTL_GET_FREE), which
+reserves nothing: two processes can be handed the same number, and the loser's
+LOOP_CONFIGURE fails with EBUSY, so attach retries from GET_FREE.  Nodes that a
+static ``/dev`` lacks are created with mknod.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import nodes
+from .errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, \
+    KernelSupportError, NotRootError
+
+__all__ = ["LoopDevice", "attach", "detach", "info", "device_size", "LOOP_MAJOR"]
+
+LOOP_MAJOR = 7
+LOOP_CONTROL = "/dev/loop-control"
+LOOP_CONTROL_RDEV = os.makedev(10, 237)
+
+LOOP_SET_FD = 0x4C00
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_DIRECT_IO = 0x4C08
+LOOP_SET_BLOCK_SIZE = 0x4C09
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+BLKGETSIZE64 = 0x80081272
+
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_DIRECT_IO = 16
+
+# struct loop_info64 (232 bytes) and struct loop_config (304 bytes), linux/loop.h
+LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
+LOOP_CONFIG_HEAD = struct.Struct("=II")
+LOOP_CONFIG_SIZE = LOOP_CONFIG_HEAD.size + LOOP_INFO64.size + 64
+NAME_LEN = 64
+
+ATTACH_TRIES = 64
+
+
+@dataclass
+class LoopDevice:
+    """A bound loop device.  Use as a context manager to detach on exit."""
+
+    path: str
+    number: int
+    backing_file: str
+    size: int
+    read_only: bool = False
+    autoclear: bool = False
+    _fd: Optional[int] = field(default=None, repr=False, compare=False)
+
+    @property
+    def rdev(self) -> int:
+        return os.makedev(LOOP_MAJOR, self.number)
+
+    @property
+    def major_minor(self) -> str:
+        """``7:N``, the form a dm table wants."""
+        return f"{LOOP_MAJOR}:{self.number}"
+
+    def detach(self) -> None:
+        """Unbind the backing file; idempotent."""
+        detach(self.path, _fd=self._fd, _backing=self.backing_file)
+        self._fd = None
+
+    def __enter__(self) -> "LoopDevice":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def _open_control() -> int:
+    nodes.ensure_node(LOOP_CONTROL, stat.S_IFCHR, LOOP_CONTROL_RDEV, 0o660)
+    try:
+        return os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError as exc:
+        raise NotRootError("open", LOOP_CONTROL, "loop devices need root", exc.errno) from None
+    except OSError as exc:
+        raise KernelSupportError("open", LOOP_CONTROL, "the loop driver is not available "
+                                 "(load it with `modprobe loop`)", exc.errno) from None
+
+
+def _node_for(number: int) -> str:
+    path = f"/dev/loop{number}"
+    rdev = nodes.sysfs_dev(f"loop{number}") or os.makedev(LOOP_MAJOR, number)
+    nodes.ensure_node(path, stat.S_IFBLK, rdev, 0o660)
+    return path
+
+
+def _config(backing_fd: int, flags: int, block_size: int, name: str) -> bytearray:
+    buf = bytearray(LOOP_CONFIG_SIZE)
+    LOOP_CONFIG_HEAD.pack_into(buf, 0, backing_fd, block_size)
+    LOOP_INFO64.pack_into(buf, LOOP_CONFIG_HEAD.size, 0, 0, 0, 0, 0, 0, 0, 0, flags,
+                          os.fsencode(name)[-(NAME_LEN - 1):], b"", b"", 0, 0)
+    return buf
+
+
+def attach(path: str, *, read_only: bool = False, direct_io: bool = False, autoclear: bool = False,
+           block_size: Optional[int] = None) -> LoopDevice:
+    """Bind the file at path to a free loop device and return it.
+
+    With autoclear the kernel unbinds the device at its last close; the
+    returned object then keeps one descriptor open until ``detach()``.
+    """
+    path = os.path.realpath(path)
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
+                                   or block_size < 512 or block_size > 65536
+                                   or block_size & (block_size - 1)):
+        raise InvalidArgumentError("attach", path, f"block size {block_size!r} is not a power of two "
+                                   "from 512 up to the page size")
+    mode = os.O_RDONLY if read_only else os.O_RDWR
+    try:
+        backing = os.open(path, mode | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DMFlakeyError("attach", path, "cannot open the backing file", exc.errno) from None
+    flags = (LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_AUTOCLEAR if autoclear else 0) \
+        | (LO_FLAGS_DIRECT_IO if direct_io else 0)
+    control = _open_control()
+    try:
+        for attempt in range(ATTACH_TRIES):
+            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            dev_path = _node_for(number)
+            try:
+                fd = os.open(dev_path, mode | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno in (errno.ENXIO, errno.EBUSY) and attempt + 1 < ATTACH_TRIES:
+                    time.sleep(0.001 * (attempt + 1))
+                    continue
+                raise DMFlakeyError("attach", path, f"cannot open {dev_path}", exc.errno) from None
+            try:
+                _configure(fd, backing, flags, block_size or 0, path)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno == errno.EBUSY and attempt + 1 < ATTACH_TRIES:
+                    time.sleep(0.001 * (attempt + 1))  # another process won the race for this number
+                    continue
+                raise DMFlakeyError("attach", path, f"cannot configure {dev_path}", exc.errno) from None
+            size = _size(fd)
+            if not autoclear:
+                os.close(fd)
+                fd = None
+            return LoopDevice(dev_path, number, path, size, read_only, autoclear, fd)
+        raise DeviceBusyError("attach", path, f"no free loop device after {ATTACH_TRIES} tries",
+                              errno.EBUSY)
+    finally:
+        os.close(control)
+        os.close(backing)
+
+
+def _configure(fd: int, backing: int, flags: int, block_size: int, name: str) -> None:
+    try:
+        fcntl.ioctl(fd, LOOP_CONFIGURE, _config(backing, flags, block_size, name))
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTTY, errno.ENOSYS):
+            raise
+    # kernels before 5.8: the legacy pair, then the knobs LOOP_CONFIGURE would have set
+    fcntl.ioctl(fd, LOOP_SET_FD, backing)
+    try:
+        info = bytearray(LOOP_INFO64.size)
+        LOOP_INFO64.pack_into(info, 0, 0, 0, 0, 0, 0, 0, 0, 0, flags & LO_FLAGS_AUTOCLEAR,
+                              os.fsencode(name)[-(NAME_LEN - 1):], b"", b"", 0, 0)
+        fcntl.ioctl(fd, LOOP_SET_STATUS64, info)
+        if block_size:
+            fcntl.ioctl(fd, LOOP_SET_BLOCK_SIZE, block_size)
+        if flags & LO_FLAGS_DIRECT_IO:
+            fcntl.ioctl(fd, LOOP_SET_DIRECT_IO, 1)
+    except OSError:
+        fcntl.ioctl(fd, LOOP_CLR_FD, 0)
+        raise
+
+
+def _size(fd: int) -> int:
+    buf = bytearray(8)
+    fcntl.ioctl(fd, BLKGETSIZE64, buf)
+    return struct.unpack("=Q", buf)[0]
+
+
+def device_size(path: str) -> int:
+    """Size in bytes of a block device (BLKGETSIZE64)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DMFlakeyError("get size", path, "cannot open the device", exc.errno) from None
+    try:
+        return _size(fd)
+    except OSError as exc:
+        raise DMFlakeyError("get size", path, "BLKGETSIZE64 failed", exc.errno) from None
+    finally:
+        os.close(fd)
+
+
+def _number(path: str) -> int:
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
+        raise InvalidArgumentError("loop", path, "not a loop block device")
+    return os.minor(st.st_rdev)
+
+
+def info(path: str) -> LoopDevice:
+    """Read back what a loop device is bound to (LOOP_GET_STATUS64)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DMFlakeyError("loop info", path, "cannot open the device", exc.errno) from None
+    try:
+        buf = bytearray(LOOP_INFO64.size)
+        try:
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise DeviceNotFoundError("loop info", path, "no file is attached", exc.errno) from None
+            raise DMFlakeyError("loop info", path, "LOOP_GET_STATUS64 failed", exc.errno) from None
+        fields = LOOP_INFO64.unpack(buf)
+        number, flags = fields[5], fields[8]
+        backing = _backing_file(number) or fields[9].split(b"\0", 1)[0].decode(errors="replace")
+        return LoopDevice(path, number, backing, _size(fd), bool(flags & LO_FLAGS_READ_ONLY),
+                          bool(flags & LO_FLAGS_AUTOCLEAR))
+    finally:
+        os.close(fd)
+
+
+def _backing_file(number: int) -> Optional[str]:
+    try:
+        with open(f"/sys/block/loop{number}/loop/backing_file") as fh:
+            return fh.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def _holders(number: int) -> list[str]:
+    try:
+        return sorted(os.listdir(f"/sys/block/loop{number}/holders"))
+    except OSError:
+        return []
+
+
+def detach(path: str, *, _fd: Optional[int] = None, _backing: Optional[str] = None,
+           timeout: float = 3.0) -> None:
+    """Unbind a loop device and wait (bounded) until the kernel has let it go.
+
+    Detaching a device that is already unbound is not an error.  A device that
+    is mounted or held by a dm table is refused (DeviceBusyError) before
+    anything changes.  With ``_backing`` set, a device that meanwhile got bound
+    to another file is left alone (another process reused the number).
+    """
+    number = _number(path)
+    current = _backing_file(number)
+    if current is None or (_backing is not None and current != _backing):
+        if _fd is not None:
+            os.close(_fd)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            break
+        except OSError as exc:
+            if exc.errno in (errno.ENXIO, errno.ENOENT):
+                if _fd is not None:
+                    os.close(_fd)
+                return
+            if exc.errno != errno.EBUSY:
+                raise DMFlakeyError("detach", path, "cannot open the device", exc.errno) from None
+            # a holder that is still listed is not going away by itself: refuse at once;
+            # one that just left (a removed dm device, an unmount) lets go within moments
+            held = _holders(number)
+            if held or time.monotonic() >= deadline:
+                who = ", ".join(held) or "a mount or another exclusive user"
+                raise DeviceBusyError("detach", path, f"in use by {who}; unmount or remove that "
+                                      "first", exc.errno) from None
+            time.sleep(0.01)
+    try:
+        fcntl.ioctl(probe, LOOP_CLR_FD, 0)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise DMFlakeyError("detach", path, "LOOP_CLR_FD failed", exc.errno) from None
+    finally:
+        os.close(probe)
+        if _fd is not None:
+            os.close(_fd)
+    # LOOP_CLR_FD only marks the device; it unbinds once the last descriptor is
+    # closed.  Wait for that, so the caller can count on the device being free.
+    while _backing_file(number) is not None:
+        if time.monotonic() >= deadline:
+            raise DeviceBusyError("detach", path, f"still bound {timeout:.0f} s after LOOP_CLR_FD: "
+                                  "another process holds it open", errno.EBUSY)
+        time.sleep(0.002)
