@@ -295,7 +295,9 @@ def detach(path: str, *, _fd: Optional[int] = None, _backing: Optional[str] = No
             os.close(_fd)
     # LOOP_CLR_FD only marks the device; it unbinds once the last descriptor is
     # closed.  Wait for that, so the caller can count on the device being free.
-    while _backing_file(number) is not None:
+    # Once free, another process may bind the number to its own file at once:
+    # only our file still being there means "not yet".
+    while _backing_file(number) == current:
         if time.monotonic() >= deadline:
             raise DeviceBusyError("detach", path, f"still bound {timeout:.0f} s after LOOP_CLR_FD: "
                                   "another process holds it open", errno.EBUSY)
