@@ -22,13 +22,14 @@ from typing import Callable, List, Optional, Sequence, Union
 
 from . import dm, features, fs, loop
 from .errors import (DeviceExistsError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError,
-                     InvalidNameError)
+                     InvalidNameError, KernelSupportError)
 from .fs import FSType
 from .table import CorruptBIOByte, Direction, FlakeyTable, PROBABILITY_MAX
 
 __all__ = [
-    "Flakey", "init_flakey", "attach_flakey", "open_flakey", "cleanup_stale", "list_flakey",
-    "DEFAULT_IMAGE_SIZE", "DEFAULT_INTERVAL", "UUID_PREFIX", "Owner",
+    "Flakey", "init_flakey", "init_flakey_image", "attach_flakey", "open_flakey", "cleanup_stale",
+    "list_flakey", "check_device_mapper", "DEFAULT_IMAGE_SIZE", "DEFAULT_INTERVAL", "UUID_PREFIX",
+    "Owner",
 ]
 
 DEFAULT_IMAGE_SIZE = 10 << 30
@@ -362,6 +363,19 @@ def init_flakey(name: str, data_dir: str, fs_type: Optional[Union[FSType, str]] 
     skips mkfs.  Any failure undoes every step done so far.  persistent=True
     marks the device as owned by no process (the CLI), so cleanup_stale leaves it.
     """
+    return init_flakey_image(name, os.path.join(data_dir, f"{name}.img"), fs_type, mkfs_options,
+                             size, persistent=persistent)
+
+
+def init_flakey_image(name: str, image_path: str,
+                      fs_type: Optional[Union[FSType, str]] = FSType.EXT4,
+                      mkfs_options: Union[Sequence[str], str, None] = None,
+                      size: int = DEFAULT_IMAGE_SIZE, *, persistent: bool = False) -> Flakey:
+    """init_flakey with the image file at image_path, for callers (the CLI) that choose it.
+
+    The image must not exist yet: it is created, never overwritten, and
+    teardown deletes it like any image the library made.
+    """
     dm.check_name(name, "init_flakey")
     fs_kind = None if fs_type is None else fs._fs_type(fs_type, "init_flakey", name)
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
@@ -373,7 +387,7 @@ def init_flakey(name: str, data_dir: str, fs_type: Optional[Union[FSType, str]] 
     if name in {d.name for d in dm.list_devices()}:
         raise DeviceExistsError("init_flakey", name, "a dm device with this name already exists",
                                 errno.EEXIST)
-    image = os.path.realpath(os.path.join(data_dir, f"{name}.img"))
+    image = os.path.realpath(image_path)
     owner = Owner.current(KIND_IMAGE, persistent)
     with ExitStack() as undo:
         try:
@@ -427,12 +441,40 @@ def open_flakey(name: str) -> Flakey:
         loop_path = f"/dev/loop{number}"
         image = loop._backing_file(number)
     filesystem = None
-    try:
-        filesystem = fs.detect_fs(f"{dm.MAPPER_DIR}/{name}")
-    except DMFlakeyError:
-        pass  # a device failing reads right now: its type is unknown, not an error
+    if not info.suspended:  # a read of a suspended device would block until someone resumes it
+        try:
+            filesystem = fs.detect_fs(f"{dm.MAPPER_DIR}/{name}")
+        except DMFlakeyError:
+            pass  # a device failing reads right now: its type is unknown, not an error
     return Flakey(name, backing, targets[0].length, owner=owner, loop_device=loop_path,
                   image_path=image, filesystem=filesystem)
+
+
+def check_device_mapper() -> None:
+    """Raise KernelSupportError when the kernel has no device-mapper, judged without opening it.
+
+    Opening /dev/mapper/control mknods it first, so asking the kernel would
+    leave a node behind on every host without dm (the CLI, the pytest plugin).
+    A control node alone proves nothing: it may be such a leftover.
+    """
+    if os.path.exists("/sys/module/dm_mod"):
+        return
+    try:
+        with open("/proc/misc") as fh:
+            if any(line.split()[1:] == ["device-mapper"] for line in fh):
+                return
+    except OSError:
+        pass
+    release = os.uname().release
+    try:
+        with open(f"/lib/modules/{release}/modules.dep") as fh:
+            if "/dm-mod.ko" in fh.read():
+                return  # a loadable module: opening the control node loads it
+    except OSError:
+        pass
+    raise KernelSupportError("check kernel", None, f"device-mapper is missing: Linux {release} has "
+                             "no dm_mod (not built in, not loaded, no module installed)",
+                             errno.ENODEV)
 
 
 def list_flakey() -> List[dm.ListedDevice]:
