@@ -306,14 +306,27 @@ def _mounts_of(name: str) -> List[str]:
         info = dm.info(name)
     except DeviceNotFoundError:
         return []
-    key = f"{info.major}:{info.minor}"
+    key, rdev = f"{info.major}:{info.minor}", os.makedev(info.major, info.minor)
     points = []
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
-            if fields[2] == key:
+            # btrfs shows an anonymous device number in field 3: then the mount source tells
+            source = fields[fields.index("-", 6) + 2] if "-" in fields[6:] else ""
+            if fields[2] == key or _is_node_of(source.encode().decode("unicode_escape"), rdev):
                 points.append(fields[4].encode().decode("unicode_escape"))
     return points
+
+
+def _is_node_of(path: str, rdev: int) -> bool:
+    """True when path is an absolute path to the block device rdev."""
+    if not path.startswith("/"):
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
 
 
 def _remove(name: str, owner: Owner, loop_device: Optional[str], image_path: Optional[str]) -> None:
