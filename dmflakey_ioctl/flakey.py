@@ -176,7 +176,6 @@ class Flakey:
     def error_reads(self, *, interval: Interval = DEFAULT_INTERVAL, up_interval: Interval = 0,
                     sync_fs: bool = False) -> None:
         """Fail reads with EIO; writes pass through (Linux 6.4 and later)."""
-        features.require("error_reads", self.name)
         self._fault("error_reads", interval, up_interval, sync_fs, error_reads=True)
 
     def corrupt_bio_byte(self, nth_byte: int, direction: Union[Direction, str], value: int,
@@ -198,7 +197,6 @@ class Flakey:
         if p == 0:  # the kernel would fail all I/O for a 0 here: a 0 means pass-through
             self._fault_free("random_read_corrupt", interval, up_interval, sync_fs)
             return
-        features.require("random_read_corrupt", self.name)
         self._fault("random_read_corrupt", interval, up_interval, sync_fs, random_read_corrupt=p)
 
     def random_write_corrupt(self, probability: float, *, interval: Interval = DEFAULT_INTERVAL,
@@ -208,15 +206,17 @@ class Flakey:
         if p == 0:
             self._fault_free("random_write_corrupt", interval, up_interval, sync_fs)
             return
-        features.require("random_write_corrupt", self.name)
         self._fault("random_write_corrupt", interval, up_interval, sync_fs, random_write_corrupt=p)
 
     def _fault(self, operation: str, interval: Interval, up_interval: Interval, sync_fs: bool,
                **feature: object) -> None:
         down = _seconds(interval, "interval", operation, self.name)
         up = _seconds(up_interval, "up_interval", operation, self.name)
-        self.load_table(FlakeyTable(self.backing, up, down, **feature),  # type: ignore[arg-type]
-                        sync_fs=sync_fs)
+        table = FlakeyTable(self.backing, up, down, **feature)  # type: ignore[arg-type]
+        # only once the arguments are known good: probing a feature takes ioctls of its own
+        for name in feature:  # features older than any kernel met are not probed: no cost
+            features.require(name, self.name)
+        self.load_table(table, sync_fs=sync_fs)
 
     def _fault_free(self, operation: str, interval: Interval, up_interval: Interval,
                     sync_fs: bool) -> None:
