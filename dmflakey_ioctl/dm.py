@@ -325,6 +325,13 @@ def _error(command: Command, operation: str, device: Optional[str], err: int,
                                    "held exclusively)", err)
         return DeviceBusyError(operation, device, "the device is open (mounted or held by a "
                                "process); close it and retry", err)
+    if command == Command.DEV_SUSPEND and operation == "resume" and err == errno.EINVAL:
+        # a table the load accepted can still be refused when it is swapped in (a target that
+        # ends past its device's last sector): the reason is only in the kernel log
+        log = _kernel_messages(since)
+        if log:
+            return TableRejectedError(operation, device, f"the kernel refused the new table at "
+                                      f"resume ({log})", err, kernel_log=log)
     if command == Command.TABLE_LOAD and err in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
         log = _kernel_messages(since)
         if "unknown target type" in log:
