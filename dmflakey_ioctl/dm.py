@@ -174,7 +174,10 @@ def check_name(name: object, operation: str = "check name") -> bytes:
     """The name as the kernel will store it, or InvalidNameError before any ioctl."""
     if not isinstance(name, str):
         raise InvalidNameError(operation, repr(name), "a device name must be a str")
-    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        raise InvalidNameError(operation, repr(name), "the name is not valid UTF-8 text") from None
     problem = None
     if not raw:
         problem = "the name is empty"
@@ -197,7 +200,10 @@ def check_uuid(uuid: object, operation: str = "check uuid") -> bytes:
         return b""
     if not isinstance(uuid, str):
         raise InvalidNameError(operation, repr(uuid), "a uuid must be a str")
-    raw = uuid.encode("utf-8", "surrogateescape")
+    try:
+        raw = uuid.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise InvalidNameError(operation, repr(uuid), "the uuid is not valid UTF-8 text") from None
     problem = None
     if not raw:
         problem = "the uuid is empty (pass None for no uuid)"
@@ -226,8 +232,16 @@ def pack_targets(targets: Iterable[TargetLike], operation: str, device: str) -> 
     """The TABLE_LOAD payload for targets; refuses what the kernel would refuse."""
     chunks = []
     expected = 0
-    for item in targets:
-        target = item if isinstance(item, Target) else Target(*item)  # type: ignore[arg-type]
+    try:
+        items = list(targets)
+    except TypeError:
+        raise InvalidTableError(operation, device, f"targets must be an iterable, got {targets!r}") from None
+    for item in items:
+        try:
+            target = item if isinstance(item, Target) else Target(*item)  # type: ignore[arg-type]
+        except TypeError:
+            raise InvalidTableError(operation, device, f"a target is a Target or a (start, length, "
+                                    f"type, params) sequence, got {item!r}") from None
         start, length, kind, params = target.start, target.length, target.target_type, target.params
         for label, value in (("start", start), ("length", length)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 64:
@@ -238,12 +252,16 @@ def pack_targets(targets: Iterable[TargetLike], operation: str, device: str) -> 
             raise InvalidTableError(operation, device, f"targets must be contiguous from sector 0: "
                                     f"expected start {expected}, got {start}")
         expected = start + length
-        if not isinstance(kind, str) or not kind or len(kind.encode()) > TYPE_MAX \
-                or not kind.isascii() or any(c.isspace() or c == "\0" for c in kind):
+        if not isinstance(kind, str) or not kind or not kind.isascii() or len(kind) > TYPE_MAX \
+                or any(c.isspace() or c == "\0" for c in kind):
             raise InvalidTableError(operation, device, f"bad target type {kind!r}")
         if not isinstance(params, str) or "\0" in params:
             raise InvalidTableError(operation, device, f"bad target parameters {params!r}")
-        text = params.encode() + b"\0"
+        try:
+            text = params.encode() + b"\0"
+        except UnicodeEncodeError:
+            raise InvalidTableError(operation, device, f"target parameters {params!r} are not valid "
+                                    "UTF-8 text") from None
         text += bytes(-(TARGET_SPEC.size + len(text)) % 8)
         chunks.append(TARGET_SPEC.pack(start, length, 0, TARGET_SPEC.size + len(text), kind.encode())
                       + text)
@@ -280,14 +298,26 @@ class Reply:
         return bytes(self.buffer[self.data_start:self.data_size])
 
 
+_kmsg: Optional[tuple[int, int]] = None   # (pid, fd): /dev/kmsg, kept open by _kernel_messages
+_kmsg_lock = threading.Lock()
+
+
 def _kernel_messages(since: float) -> str:
-    """device-mapper lines from /dev/kmsg logged after ``since`` (time.monotonic())."""
-    try:
-        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    lines = []
-    try:
+    """device-mapper lines from /dev/kmsg logged after ``since`` (time.monotonic()).
+
+    The file stays open, so each call reads only what was logged after the previous
+    one: the lines of an earlier failure are not reported again.  The clocks of the
+    log and of time.monotonic() differ slightly, hence a second of slack.
+    """
+    global _kmsg
+    with _kmsg_lock:
+        if _kmsg is None or _kmsg[0] != os.getpid():
+            try:
+                _kmsg = (os.getpid(), os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            except OSError:
+                return ""
+        fd = _kmsg[1]
+        lines = []
         while True:
             try:
                 record = os.read(fd, 8192)
@@ -295,17 +325,27 @@ def _kernel_messages(since: float) -> str:
                 break
             except BrokenPipeError:  # records overwritten while reading
                 continue
+            except OSError:
+                break
             if not record:
                 break
             head, _, text = record.decode("utf-8", "replace").partition(";")
             parts = head.split(",")
-            if len(parts) >= 3 and int(parts[2]) / 1e6 >= since - 1.0:
+            if len(parts) >= 3 and parts[2].isdigit() and int(parts[2]) / 1e6 >= since - 1.0:
                 text = text.split("\n", 1)[0]
                 if "device-mapper" in text:
                     lines.append(text)
-    finally:
-        os.close(fd)
     return "; ".join(lines[-4:])
+
+
+# errnos of a table load that mean the kernel refused the table, and what each says
+_TABLE_ERRORS = {
+    errno.EINVAL: "the kernel refused the table",
+    errno.ENODEV: "the kernel refused the table",
+    errno.ENOENT: "a device named in the table does not exist",
+    errno.ENXIO: "a device named in the table does not exist",
+    errno.ENOTBLK: "a device named in the table is not a block device",
+}
 
 
 def _error(command: Command, operation: str, device: Optional[str], err: int,
@@ -314,6 +354,17 @@ def _error(command: Command, operation: str, device: Optional[str], err: int,
     if err in (errno.EACCES, errno.EPERM):
         return NotRootError(operation, device, "device-mapper needs root (CAP_SYS_ADMIN in the "
                             "initial user namespace)", err)
+    if command == Command.TABLE_LOAD and err in _TABLE_ERRORS:
+        log = _kernel_messages(since)
+        # ENXIO with no word from the table code: the dm device itself is missing
+        if err != errno.ENXIO or "error adding target" in log:
+            if "unknown target type" in log:
+                kind = log.split("unknown target type")[0].rstrip(": ").rsplit(" ", 1)[-1]
+                return KernelSupportError(operation, device, f"the kernel has no {kind} target: load "
+                                          f"it with `modprobe dm-{kind}` (kernel said: {log})", err)
+            cause = _TABLE_ERRORS[err]
+            return TableRejectedError(operation, device, f"{cause} ({log or 'no kernel log'})", err,
+                                      kernel_log=log)
     if err == errno.ENXIO:
         return DeviceNotFoundError(operation, device, "no such device-mapper device", err)
     if err == errno.EBUSY:
@@ -332,17 +383,6 @@ def _error(command: Command, operation: str, device: Optional[str], err: int,
         if log:
             return TableRejectedError(operation, device, f"the kernel refused the new table at "
                                       f"resume ({log})", err, kernel_log=log)
-    if command == Command.TABLE_LOAD and err in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
-        log = _kernel_messages(since)
-        if "unknown target type" in log:
-            kind = log.split("unknown target type")[0].rstrip(": ").rsplit(" ", 1)[-1]
-            return KernelSupportError(operation, device, f"the kernel has no {kind} target: load it "
-                                      f"with `modprobe dm-{kind}` (kernel said: {log})", err)
-        cause = "the kernel refused the table"
-        if err == errno.ENOENT:
-            cause = "a device named in the table does not exist"
-        return TableRejectedError(operation, device, f"{cause} ({log or 'no kernel log'})", err,
-                                  kernel_log=log)
     return DMFlakeyError(operation, device, f"DM_{command.name} failed", err)
 
 
@@ -353,7 +393,7 @@ class PreparedCall:
     resume), so that a fault switch costs little more than the ioctls themselves.
     """
 
-    __slots__ = ("_control", "command", "_template", "operation", "device")
+    __slots__ = ("_control", "command", "_template", "operation", "device", "_request")
 
     def __init__(self, control: "Control", command: Command, template: bytearray, operation: str,
                  device: Optional[str]) -> None:
@@ -362,9 +402,24 @@ class PreparedCall:
         self._template = bytes(template)
         self.operation = operation
         self.device = device
+        self._request = command.request  # an enum property is slow to read on every call
 
     def run(self) -> Reply:
-        return self._control.send(self.command, bytearray(self._template), self.operation, self.device)
+        buf = bytearray(self._template)
+        self.send(buf)
+        return Reply(buf)
+
+    def send(self, buf: Optional[bytearray] = None) -> None:
+        """run() without decoding the answer: the fault switch's fast path."""
+        fd = self._control.fileno()  # outside the try: its own errors (no dm, not root) stand
+        since = time.monotonic()
+        try:
+            result = fcntl.ioctl(fd, self._request, bytearray(self._template) if buf is None else buf)
+        except OSError as exc:
+            raise _error(self.command, self.operation, self.device, exc.errno or 0, since) from None
+        if result:
+            raise DMFlakeyError(self.operation, self.device, f"DM_{self.command.name} answered "
+                                f"{result} (does the device have a live table?)")
 
 
 class Control:
@@ -431,9 +486,10 @@ class Control:
 
     def send(self, command: Command, buf: bytearray, operation: str, device: Optional[str]) -> Reply:
         """Send one packed request; raise the library's error on failure."""
+        fd = self.fileno()  # outside the try: KernelSupportError (no dm) must not become "DM_x failed"
         since = time.monotonic()
         try:
-            result = fcntl.ioctl(self.fileno(), command.request, buf)
+            result = fcntl.ioctl(fd, command.request, buf)
         except OSError as exc:
             raise _error(command, operation, device, exc.errno or 0, since) from None
         if result:  # e.g. DM_TARGET_MSG answers a positive value without errno
@@ -517,6 +573,7 @@ class Control:
         raw = check_name(name, "remove")
         flags = Flag.DEFERRED_REMOVE if deferred else 0
         delay = 0.005
+        retries = max(retries, 0)
         for attempt in range(retries + 1):
             try:
                 reply = self.call(Command.DEV_REMOVE, "remove", name, name=raw, flags=flags,
@@ -583,7 +640,8 @@ class Control:
 
     def target_version(self, target_type: str) -> tuple[int, int, int]:
         """One target type's version; the kernel loads its module if needed (>= 4.41)."""
-        if not isinstance(target_type, str) or not target_type or len(target_type) > TYPE_MAX:
+        if not isinstance(target_type, str) or not target_type or not target_type.isascii() \
+                or len(target_type) > TYPE_MAX:
             raise InvalidArgumentError("target version", repr(target_type), "bad target type")
         try:
             reply = self.call(Command.GET_TARGET_VERSION, "target version", target_type,
@@ -602,8 +660,13 @@ class Control:
             raise InvalidArgumentError("message", name, f"sector {sector!r} is not a sector number")
         if not isinstance(text, str) or not text or "\0" in text:
             raise InvalidArgumentError("message", name, f"bad message {text!r}")
-        reply = self.call(Command.TARGET_MSG, "message", name, name=check_name(name, "message"),
-                          payload=U64.pack(sector) + text.encode() + b"\0")
+        raw = check_name(name, "message")
+        try:
+            payload = U64.pack(sector) + text.encode() + b"\0"
+        except (UnicodeEncodeError, struct.error):
+            raise InvalidArgumentError("message", name, f"bad message {text!r} or sector "
+                                       f"{sector!r}") from None
+        reply = self.call(Command.TARGET_MSG, "message", name, name=raw, payload=payload)
         if reply.flags & Flag.DATA_OUT:
             return _cstr(reply.data())
         return None
