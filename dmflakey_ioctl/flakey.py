@@ -14,11 +14,11 @@ import errno
 import math
 import os
 import stat
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Callable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
 
 from . import dm, features, fs, loop
 from .errors import (DeviceExistsError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError,
@@ -41,7 +41,9 @@ UUID_PREFIX = "DMFLAKEY-"
 KIND_IMAGE = "img"    # an image file it created, attached to a loop device: both are removed
 KIND_DEVICE = "dev"   # a block device the caller gave: left alone
 
-Interval = Union[int, timedelta]
+if TYPE_CHECKING:
+    from datetime import timedelta
+Interval = Union[int, "timedelta"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,9 @@ def _start_time(pid: int) -> Optional[int]:
 
 
 def _seconds(value: Interval, what: str, operation: str, device: str) -> int:
-    if isinstance(value, timedelta):
+    # datetime is not imported for this check: a timedelta exists only once it has been
+    timedelta = getattr(sys.modules.get("datetime"), "timedelta", None)
+    if timedelta is not None and isinstance(value, timedelta):
         seconds = value.total_seconds()
         if seconds != int(seconds):
             raise InvalidArgumentError(operation, device, f"{what} {value} is not a whole number "
@@ -137,13 +141,15 @@ class Flakey:
         self.filesystem = filesystem
         self._torn_down = False
         ctl = self._control = dm.control()
-        flags = dm.Flag.SUSPEND
-        self._suspend_lockfs = ctl.prepare(dm.Command.DEV_SUSPEND, "suspend", name, flags=flags)
-        self._suspend_nolockfs = ctl.prepare(dm.Command.DEV_SUSPEND, "suspend", name,
-                                             flags=flags | dm.Flag.SKIP_LOCKFS)
-        self._resume = ctl.prepare(dm.Command.DEV_SUSPEND, "resume", name,
+        # A resume that finds a loaded table suspends the device itself (freezing the
+        # filesystem unless SKIP_LOCKFS), swaps the tables and resumes: one ioctl fewer
+        # than suspend + load + resume, and no separate suspend, which the kernel often
+        # holds up for a grace period of the resume before it.
+        self._resume = ctl.prepare(dm.Command.DEV_SUSPEND, "resume", name, flags=dm.Flag.SKIP_LOCKFS,
                                    event_nr=ctl.udev_cookie())
-        self._loads: dict[str, dm.PreparedCall] = {}
+        self._resume_lockfs = ctl.prepare(dm.Command.DEV_SUSPEND, "resume", name,
+                                          event_nr=ctl.udev_cookie())
+        self._loads: dict[FlakeyTable, dm.PreparedCall] = {}
 
     def __repr__(self) -> str:
         return (f"Flakey(name={self.name!r}, device_path={self.device_path!r}, "
@@ -225,12 +231,14 @@ class Flakey:
         self.load_table(FlakeyTable(self.backing, max(up, 1), 0), sync_fs=sync_fs)
 
     def load_table(self, table: FlakeyTable, *, sync_fs: bool = False) -> None:
-        """Swap in table: suspend (freezing the filesystem only with sync_fs), load, resume.
+        """Swap in table: load it, then resume, which suspends (freezing the filesystem
+        only with sync_fs), swaps and resumes in one ioctl.
 
-        When the load fails the old table is resumed, so the device is never
-        left suspended; the error is raised afterwards.
+        A load the kernel refuses changes nothing: the device was never suspended.
+        When the swap fails, the loaded table is dropped and the device resumed with
+        its old table; the error is raised afterwards.
         """
-        load = self._loads.get(table.params())
+        load = self._loads.get(table)
         if load is None:
             payload, count = dm.pack_targets([(0, self.sectors, "flakey", table.params())],
                                              "load table", self.name)
@@ -238,27 +246,25 @@ class Flakey:
                                          payload=payload, target_count=count)
             if len(self._loads) >= 32:
                 self._loads.clear()
-            self._loads[table.params()] = load
-        (self._suspend_lockfs if sync_fs else self._suspend_nolockfs).run()
+            self._loads[table] = load
+        load.send()
         try:
-            load.run()
+            (self._resume_lockfs if sync_fs else self._resume).send()
         except BaseException:
-            self._resume_anyway()
-            raise
-        try:
-            self._resume.run()
-        except BaseException:
-            self._control.clear(self.name)
+            try:
+                self._control.clear(self.name)
+            except DMFlakeyError:
+                pass  # nothing left to drop
             self._resume_anyway()
             raise
 
     def _resume_anyway(self) -> None:
         """Resume whatever table is live, with one retry: the device must not stay suspended."""
         try:
-            self._resume.run()
+            self._resume.send()
         except DMFlakeyError:
             time.sleep(0.05)
-            self._resume.run()
+            self._resume.send()
 
     def table(self) -> FlakeyTable:
         """The live table, read back from the kernel."""
