@@ -10,18 +10,19 @@ retries forever.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import functools
 import os
-import shlex
-import shutil
-import subprocess
 import time
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
 from .errors import DeviceBusyError, DMFlakeyError, InvalidArgumentError, NotRootError
+
+# ctypes, subprocess, shlex and shutil are imported where they are used: together they
+# were a sixth of `import dmflakey_ioctl`, and most programs never mkfs or mount.
+if TYPE_CHECKING:
+    import ctypes
 
 __all__ = ["FSType", "MIN_SIZE", "mkfs", "detect_fs", "mount", "umount", "syncfs",
            "parse_mount_options"]
@@ -96,6 +97,7 @@ _UMOUNT_MAX_DELAY = 0.5
 @functools.lru_cache(maxsize=None)
 def _libc() -> ctypes.CDLL:
     """libc with errno capture; the process's own symbols, so no ldconfig run to find it."""
+    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                            ctypes.c_char_p]
@@ -105,6 +107,12 @@ def _libc() -> ctypes.CDLL:
     libc.syncfs.argtypes = [ctypes.c_int]
     libc.syncfs.restype = ctypes.c_int
     return libc
+
+
+def _errno() -> int:
+    """errno of the last libc call made through _libc()."""
+    import ctypes
+    return ctypes.get_errno()
 
 
 def _fs_type(value: Union[FSType, str], operation: str, device: str) -> FSType:
@@ -122,6 +130,9 @@ def mkfs(device: str, fs_type: Union[FSType, str],
 
     options are extra mkfs arguments, a list or a shell-like string.
     """
+    import shlex
+    import shutil
+    import subprocess
     fs = _fs_type(fs_type, "mkfs", device)
     extra = shlex.split(options) if isinstance(options, str) else list(options or [])
     name = f"mkfs.{fs.value}"
@@ -198,7 +209,7 @@ def mount(device: str, target: str, fs_type: Union[FSType, str, None] = None, op
     libc = _libc()
     if libc.mount(os.fsencode(device), os.fsencode(target), fs_name.encode() if fs_name else None,
                   flags, data.encode() if data else None) != 0:
-        err = ctypes.get_errno()
+        err = _errno()
         cause = f"cannot mount on {target} as {fs_name or 'its current type'}"
         if err == errno.EBUSY:
             raise DeviceBusyError("mount", device, f"{cause}: already mounted or held by another user", err)
@@ -243,7 +254,7 @@ def umount(target: str, *, retries: int = 20, delay: float = 0.05) -> None:
     for attempt in range(max(retries, 0) + 1):
         if libc.umount2(path, 0) == 0:
             return
-        err = ctypes.get_errno()
+        err = _errno()
         if err != errno.EBUSY:
             break
         if attempt < retries:
@@ -266,6 +277,6 @@ def syncfs(path: str) -> None:
         raise DMFlakeyError("syncfs", path, "cannot open", exc.errno) from None
     try:
         if _libc().syncfs(fd) != 0:
-            raise DMFlakeyError("syncfs", path, "writeback of the filesystem failed", ctypes.get_errno())
+            raise DMFlakeyError("syncfs", path, "writeback of the filesystem failed", _errno())
     finally:
         os.close(fd)
