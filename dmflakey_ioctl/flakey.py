@@ -150,6 +150,8 @@ class Flakey:
         self._resume_lockfs = ctl.prepare(dm.Command.DEV_SUSPEND, "resume", name,
                                           event_nr=ctl.udev_cookie())
         self._loads: dict[FlakeyTable, dm.PreparedCall] = {}
+        self._swaps: dict[int, tuple] = {}
+        self._tables: dict[tuple, FlakeyTable] = {}
 
     def __repr__(self) -> str:
         return (f"Flakey(name={self.name!r}, device_path={self.device_path!r}, "
@@ -166,18 +168,30 @@ class Flakey:
 
     def allow_writes(self, *, interval: Interval = DEFAULT_INTERVAL, sync_fs: bool = False) -> None:
         """Let all I/O through (the up interval is ``interval`` seconds, the down interval 0)."""
-        up = _seconds(interval, "interval", "allow_writes", self.name)
-        self.load_table(FlakeyTable(self.backing, up, 0), sync_fs=sync_fs)
+        table = self._tables.get(("allow_writes", interval)) if type(interval) is int else None
+        if table is None:
+            table = self._table(_seconds(interval, "interval", "allow_writes", self.name), 0)
+            if type(interval) is int:
+                self._tables[("allow_writes", interval)] = table
+        self.load_table(table, sync_fs=sync_fs)
 
     def drop_writes(self, *, interval: Interval = DEFAULT_INTERVAL, up_interval: Interval = 0,
                     sync_fs: bool = False) -> None:
         """Acknowledge writes and throw them away; reads pass through."""
-        self._fault("drop_writes", interval, up_interval, sync_fs, drop_writes=True)
+        table = self._tables.get(("drop_writes", interval, up_interval)) \
+            if type(interval) is int and type(up_interval) is int else None
+        if table is None:
+            table = self._checked("drop_writes", interval, up_interval, drop_writes=True)
+        self.load_table(table, sync_fs=sync_fs)
 
     def error_writes(self, *, interval: Interval = DEFAULT_INTERVAL, up_interval: Interval = 0,
                      sync_fs: bool = False) -> None:
         """Fail writes with EIO; reads pass through."""
-        self._fault("error_writes", interval, up_interval, sync_fs, error_writes=True)
+        table = self._tables.get(("error_writes", interval, up_interval)) \
+            if type(interval) is int and type(up_interval) is int else None
+        if table is None:
+            table = self._checked("error_writes", interval, up_interval, error_writes=True)
+        self.load_table(table, sync_fs=sync_fs)
 
     def error_reads(self, *, interval: Interval = DEFAULT_INTERVAL, up_interval: Interval = 0,
                     sync_fs: bool = False) -> None:
@@ -216,19 +230,47 @@ class Flakey:
 
     def _fault(self, operation: str, interval: Interval, up_interval: Interval, sync_fs: bool,
                **feature: object) -> None:
+        self.load_table(self._checked(operation, interval, up_interval, **feature), sync_fs=sync_fs)
+
+    def _checked(self, operation: str, interval: Interval, up_interval: Interval,
+                 **feature: object) -> FlakeyTable:
+        """The table of a fault switch, its arguments checked.
+
+        With plain ints for the intervals it is also kept under (operation, interval,
+        up_interval), where the commonest switches look it up before anything else: in
+        the emulated test guest every line run between two switches shows.
+        """
         down = _seconds(interval, "interval", operation, self.name)
         up = _seconds(up_interval, "up_interval", operation, self.name)
-        table = FlakeyTable(self.backing, up, down, **feature)  # type: ignore[arg-type]
-        # only once the arguments are known good: probing a feature takes ioctls of its own
-        for name in feature:  # features older than any kernel met are not probed: no cost
-            features.require(name, self.name)
-        self.load_table(table, sync_fs=sync_fs)
+        table = self._table(up, down, **feature)
+        if type(interval) is int and type(up_interval) is int:
+            self._tables[(operation, interval, up_interval)] = table
+        return table
 
     def _fault_free(self, operation: str, interval: Interval, up_interval: Interval,
                     sync_fs: bool) -> None:
         _seconds(interval, "interval", operation, self.name)
         up = _seconds(up_interval, "up_interval", operation, self.name)
-        self.load_table(FlakeyTable(self.backing, max(up, 1), 0), sync_fs=sync_fs)
+        self.load_table(self._table(max(up, 1), 0), sync_fs=sync_fs)
+
+    def _table(self, up: int, down: int, **feature: object) -> FlakeyTable:
+        """FlakeyTable(backing, up, down, **feature), built (and checked) once per device.
+
+        Checking a table costs more than the rest of a switch; the arguments here are
+        already plain ints, bools and CorruptBIOByte values, so equal keys mean equal tables.
+        """
+        key = (up, down, *feature.items())
+        table = self._tables.get(key)
+        if table is None:
+            table = FlakeyTable(self.backing, up, down, **feature)  # type: ignore[arg-type]
+            # only once the arguments are known good: probing a feature takes ioctls of its own;
+            # and before caching, so that a missing feature is reported on every call
+            for name in feature:  # features older than any kernel met are not probed: no cost
+                features.require(name, self.name)
+            if len(self._tables) >= 32:
+                self._tables.clear()
+            self._tables[key] = table
+        return table
 
     def load_table(self, table: FlakeyTable, *, sync_fs: bool = False) -> None:
         """Swap in table: load it, then resume, which suspends (freezing the filesystem
@@ -238,25 +280,36 @@ class Flakey:
         When the swap fails, the loaded table is dropped and the device resumed with
         its old table; the error is raised afterwards.
         """
+        # by identity: the switches pass the same cached table objects every time
+        entry = self._swaps.get(id(table))
+        if entry is None or entry[0] is not table:
+            entry = self._prepare_swaps(table)
+        entry[2 if sync_fs else 1]()
+
+    def _prepare_swaps(self, table: FlakeyTable) -> tuple:
+        """(table, swap, swap with lockfs): functions that load table and resume."""
         load = self._loads.get(table)
         if load is None:
             payload, count = dm.pack_targets([(0, self.sectors, "flakey", table.params())],
                                              "load table", self.name)
             load = self._control.prepare(dm.Command.TABLE_LOAD, "load table", self.name,
                                          payload=payload, target_count=count)
-            if len(self._loads) >= 32:
-                self._loads.clear()
-            self._loads[table] = load
-        load.send()
+        if len(self._swaps) >= 32 or len(self._loads) >= 32:
+            self._loads.clear()
+            self._swaps.clear()
+        self._loads[table] = load
+        entry = (table, load.chain(self._resume, self._undo_swap),  # the entry keeps the id taken
+                 load.chain(self._resume_lockfs, self._undo_swap))
+        self._swaps[id(table)] = entry
+        return entry
+
+    def _undo_swap(self) -> None:
+        """After a failed swap: drop the loaded table, make sure the old one runs."""
         try:
-            (self._resume_lockfs if sync_fs else self._resume).send()
-        except BaseException:
-            try:
-                self._control.clear(self.name)
-            except DMFlakeyError:
-                pass  # nothing left to drop
-            self._resume_anyway()
-            raise
+            self._control.clear(self.name)
+        except DMFlakeyError:
+            pass  # nothing left to drop
+        self._resume_anyway()
 
     def _resume_anyway(self) -> None:
         """Resume whatever table is live, with one retry: the device must not stay suspended."""
