@@ -33,7 +33,7 @@ from .errors import (DeviceBusyError, DeviceExistsError, DeviceNotFoundError, DM
 
 __all__ = [
     "Command", "Flag", "Target", "DeviceInfo", "ListedDevice", "Control", "PreparedCall",
-    "check_name", "check_uuid", "pack_request", "control",
+    "check_name", "check_uuid", "check_device_mapper", "pack_request", "control",
     "version", "create", "load", "suspend", "resume", "remove", "clear", "info", "table", "status",
     "list_devices", "target_versions", "target_version", "message",
     "CONTROL_PATH", "MAPPER_DIR",
@@ -397,6 +397,33 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+def check_device_mapper() -> None:
+    """Raise KernelSupportError when the kernel has no device-mapper, judged without opening it.
+
+    Opening /dev/mapper/control mknods it first, so asking the kernel would
+    leave a node behind on every host without dm (the CLI, the pytest plugin).
+    A control node alone proves nothing: it may be such a leftover.
+    """
+    if os.path.exists("/sys/module/dm_mod"):
+        return
+    try:
+        with open("/proc/misc") as fh:
+            if any(line.split()[1:] == ["device-mapper"] for line in fh):
+                return
+    except OSError:
+        pass
+    release = os.uname().release
+    try:
+        with open(f"/lib/modules/{release}/modules.dep") as fh:
+            if "/dm-mod.ko" in fh.read():
+                return  # a loadable module: opening the control node loads it
+    except OSError:
+        pass
+    raise KernelSupportError("check kernel", None, f"device-mapper is missing: Linux {release} has "
+                             "no dm_mod (not built in, not loaded, no module installed)",
+                             errno.ENODEV)
+
+
 class PreparedCall:
     """One ioctl packed in advance: each run copies the pristine template and sends it.
 
@@ -501,6 +528,8 @@ class Control:
             return self._fd
 
     def _open(self) -> int:
+        if not os.path.exists(self.path):
+            check_device_mapper()  # never leave a control node on a host without dm
         try:
             nodes.ensure_node(self.path, stat.S_IFCHR, CONTROL_RDEV, 0o600)
         except PermissionError as exc:

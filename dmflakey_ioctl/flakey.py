@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
 
 from . import dm, features, fs, loop
+from .dm import check_device_mapper
 from .errors import (DeviceExistsError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError,
-                     InvalidNameError, KernelSupportError)
+                     InvalidNameError)
 from .fs import FSType
 from .table import CorruptBIOByte, Direction, FlakeyTable, PROBABILITY_MAX
 
@@ -520,33 +521,6 @@ def open_flakey(name: str) -> Flakey:
             pass  # a device failing reads right now: its type is unknown, not an error
     return Flakey(name, backing, targets[0].length, owner=owner, loop_device=loop_path,
                   image_path=image, filesystem=filesystem)
-
-
-def check_device_mapper() -> None:
-    """Raise KernelSupportError when the kernel has no device-mapper, judged without opening it.
-
-    Opening /dev/mapper/control mknods it first, so asking the kernel would
-    leave a node behind on every host without dm (the CLI, the pytest plugin).
-    A control node alone proves nothing: it may be such a leftover.
-    """
-    if os.path.exists("/sys/module/dm_mod"):
-        return
-    try:
-        with open("/proc/misc") as fh:
-            if any(line.split()[1:] == ["device-mapper"] for line in fh):
-                return
-    except OSError:
-        pass
-    release = os.uname().release
-    try:
-        with open(f"/lib/modules/{release}/modules.dep") as fh:
-            if "/dm-mod.ko" in fh.read():
-                return  # a loadable module: opening the control node loads it
-    except OSError:
-        pass
-    raise KernelSupportError("check kernel", None, f"device-mapper is missing: Linux {release} has "
-                             "no dm_mod (not built in, not loaded, no module installed)",
-                             errno.ENODEV)
 
 
 def list_flakey() -> List[dm.ListedDevice]:

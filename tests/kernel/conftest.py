@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from dmflakey_ioctl.dm import check_device_mapper
+from dmflakey_ioctl.errors import KernelSupportError
+
 from .helpers import dm_names
 
 REQUIRED = os.environ.get("DMFLAKEY_IN_GUEST") == "1" or os.environ.get("DMFLAKEY_REQUIRE_KERNEL") == "1"
@@ -24,8 +27,10 @@ KERNEL_DIR = Path(__file__).parent
 def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
-    if not (Path("/dev/mapper/control").exists() or Path("/sys/module/dm_mod").exists()):
-        return "the running kernel has no device-mapper (run `make vm-test` to use the QEMU guest)"
+    try:
+        check_device_mapper()
+    except KernelSupportError as exc:
+        return f"{exc} (run `make vm-test` to use the QEMU guest)"
     return None
 
 
