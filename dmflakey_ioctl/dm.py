@@ -170,50 +170,39 @@ class ListedDevice:
 TargetLike = Union[Target, Sequence[object]]
 
 
-def check_name(name: object, operation: str = "check name") -> bytes:
-    """The name as the kernel will store it, or InvalidNameError before any ioctl."""
-    if not isinstance(name, str):
-        raise InvalidNameError(operation, repr(name), "a device name must be a str")
+def _check_text(value: object, what: str, limit: int, operation: str) -> bytes:
+    """value (a name or a uuid) as the kernel will store it; InvalidNameError otherwise."""
+    if not isinstance(value, str):
+        raise InvalidNameError(operation, repr(value), f"a {what} must be a str")
     try:
-        raw = name.encode("utf-8", "surrogateescape")
+        raw = value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a surrogate that does not stand for a byte
-        raise InvalidNameError(operation, repr(name), "the name is not valid UTF-8 text") from None
+        raise InvalidNameError(operation, repr(value), f"the {what} is not valid UTF-8 text") from None
     problem = None
     if not raw:
-        problem = "the name is empty"
-    elif len(raw) > NAME_MAX:
-        problem = f"the name is {len(raw)} bytes long; the kernel allows {NAME_MAX}"
-    elif "/" in name:
-        problem = "a device name cannot contain '/'"
-    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        problem = "a device name cannot contain NUL or control characters"
-    elif name in RESERVED_NAMES:
-        problem = f"{name!r} is reserved by device-mapper"
+        problem = f"the {what} is empty"
+    elif len(raw) > limit:
+        problem = f"the {what} is {len(raw)} bytes long; the kernel allows {limit}"
+    elif "/" in value:
+        problem = f"a {what} cannot contain '/'"
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        problem = f"a {what} cannot contain NUL or control characters"
     if problem:
-        raise InvalidNameError(operation, repr(name), problem)
+        raise InvalidNameError(operation, repr(value), problem)
+    return raw
+
+
+def check_name(name: object, operation: str = "check name") -> bytes:
+    """The name as the kernel will store it, or InvalidNameError before any ioctl."""
+    raw = _check_text(name, "device name", NAME_MAX, operation)
+    if name in RESERVED_NAMES:
+        raise InvalidNameError(operation, repr(name), f"{name!r} is reserved by device-mapper")
     return raw
 
 
 def check_uuid(uuid: object, operation: str = "check uuid") -> bytes:
-    """The uuid as bytes (empty for none), or InvalidNameError before any ioctl."""
-    if uuid is None:
-        return b""
-    if not isinstance(uuid, str):
-        raise InvalidNameError(operation, repr(uuid), "a uuid must be a str")
-    try:
-        raw = uuid.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raise InvalidNameError(operation, repr(uuid), "the uuid is not valid UTF-8 text") from None
-    problem = None
-    if not raw:
-        problem = "the uuid is empty (pass None for no uuid)"
-    elif len(raw) > UUID_MAX:
-        problem = f"the uuid is {len(raw)} bytes long; the kernel allows {UUID_MAX}"
-    elif "/" in uuid or any(ord(c) < 0x20 or ord(c) == 0x7F for c in uuid):
-        problem = "a uuid cannot contain '/', NUL or control characters"
-    if problem:
-        raise InvalidNameError(operation, repr(uuid), problem)
-    return raw
+    """The uuid as bytes (empty for None), or InvalidNameError before any ioctl."""
+    return b"" if uuid is None else _check_text(uuid, "uuid", UUID_MAX, operation)
 
 
 def pack_request(*, name: bytes = b"", uuid: bytes = b"", flags: int = 0, dev: int = 0,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 __all__ = [
     "DMFlakeyError",
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidNameError",
     "InvalidTableError",
     "TableRejectedError",
+    "opened",
 ]
 
 
@@ -104,3 +106,17 @@ class TableRejectedError(DMFlakeyError):
     """The kernel refused a table; attribute ``kernel_log`` holds what it said in /dev/kmsg."""
 
     kernel_log: str
+
+
+@contextmanager
+def opened(path: str, operation: str, cause: str = "cannot open it",
+           flags: int = os.O_RDONLY) -> Iterator[int]:
+    """A descriptor for path, closed on exit; a failed open is a DMFlakeyError with its errno."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DMFlakeyError(operation, path, cause, exc.errno or 0) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)

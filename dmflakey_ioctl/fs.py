@@ -17,7 +17,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
-from .errors import DeviceBusyError, DMFlakeyError, InvalidArgumentError, NotRootError
+from .errors import DeviceBusyError, DMFlakeyError, InvalidArgumentError, NotRootError, opened
 
 # ctypes, subprocess, shlex and shutil are imported where they are used: together they
 # were a sixth of `import dmflakey_ioctl`, and most programs never mkfs or mount.
@@ -154,20 +154,14 @@ def mkfs(device: str, fs_type: Union[FSType, str],
 
 
 def _detect(device: str, operation: str) -> Optional[FSType]:
-    try:
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DMFlakeyError(operation, device, "cannot open the device to read its superblock",
-                            exc.errno) from None
-    try:
-        for fs, offset, magic in _MAGIC:
-            if os.pread(fd, len(magic), offset) == magic:
-                return fs
-        return None
-    except OSError as exc:
-        raise DMFlakeyError(operation, device, "cannot read the superblock", exc.errno) from None
-    finally:
-        os.close(fd)
+    with opened(device, operation, "cannot open the device to read its superblock") as fd:
+        try:
+            for fs, offset, magic in _MAGIC:
+                if os.pread(fd, len(magic), offset) == magic:
+                    return fs
+            return None
+        except OSError as exc:
+            raise DMFlakeyError(operation, device, "cannot read the superblock", exc.errno) from None
 
 
 def detect_fs(device: str) -> Optional[FSType]:
@@ -271,12 +265,6 @@ def umount(target: str, *, retries: int = 20, delay: float = 0.05) -> None:
 
 def syncfs(path: str) -> None:
     """Write back the whole filesystem that holds path (syncfs(2)); EIO is kept in the error."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DMFlakeyError("syncfs", path, "cannot open", exc.errno) from None
-    try:
+    with opened(path, "syncfs", "cannot open") as fd:
         if _libc().syncfs(fd) != 0:
             raise DMFlakeyError("syncfs", path, "writeback of the filesystem failed", _errno())
-    finally:
-        os.close(fd)

@@ -19,7 +19,7 @@ from typing import Optional
 
 from . import nodes
 from .errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, \
-    KernelSupportError, NotRootError
+    KernelSupportError, NotRootError, opened
 
 __all__ = ["LoopDevice", "attach", "detach", "info", "device_size", "LOOP_MAJOR"]
 
@@ -192,16 +192,11 @@ def _size(fd: int) -> int:
 
 def device_size(path: str) -> int:
     """Size in bytes of a block device (BLKGETSIZE64)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DMFlakeyError("get size", path, "cannot open the device", exc.errno) from None
-    try:
-        return _size(fd)
-    except OSError as exc:
-        raise DMFlakeyError("get size", path, "BLKGETSIZE64 failed", exc.errno) from None
-    finally:
-        os.close(fd)
+    with opened(path, "get size", "cannot open the device") as fd:
+        try:
+            return _size(fd)
+        except OSError as exc:
+            raise DMFlakeyError("get size", path, "BLKGETSIZE64 failed", exc.errno) from None
 
 
 def _number(path: str) -> int:
@@ -213,11 +208,7 @@ def _number(path: str) -> int:
 
 def info(path: str) -> LoopDevice:
     """Read back what a loop device is bound to (LOOP_GET_STATUS64)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DMFlakeyError("loop info", path, "cannot open the device", exc.errno) from None
-    try:
+    with opened(path, "loop info", "cannot open the device") as fd:
         buf = bytearray(LOOP_INFO64.size)
         try:
             fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
@@ -230,8 +221,6 @@ def info(path: str) -> LoopDevice:
         backing = _backing_file(number) or fields[9].split(b"\0", 1)[0].decode(errors="replace")
         return LoopDevice(path, number, backing, _size(fd), bool(flags & LO_FLAGS_READ_ONLY),
                           bool(flags & LO_FLAGS_AUTOCLEAR))
-    finally:
-        os.close(fd)
 
 
 def _backing_file(number: int) -> Optional[str]:
