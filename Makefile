@@ -12,24 +12,33 @@ PYTEST_GUEST_OPTS := -p no:cacheprovider --color=no
 VM := $(PY) scripts/vm
 NATIVE := $(shell $(PY) scripts/native-dm >/dev/null 2>&1 && echo yes)
 
-APT_PACKAGES := qemu-system-x86 busybox-static cpio xz-utils kmod e2fsprogs xfsprogs btrfs-progs dmsetup
-# one program per package above, to tell whether it is installed
-APT_PROGRAMS := qemu-system-x86_64 busybox cpio xz modprobe mkfs.ext4 mkfs.xfs mkfs.btrfs dmsetup
-
-.PHONY: deps test unit kernel vm-test vm-shell demo bench clean
-
-deps:
-	@missing=""; for p in $(APT_PROGRAMS); do \
-	    PATH="$$PATH:/usr/sbin:/sbin" command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Debian packages, each with one program that tells whether it is installed: what the tests
+# need everywhere (dmsetup only as a test oracle), and what the guest needs on top
+TEST_APT := e2fsprogs:mkfs.ext4 xfsprogs:mkfs.xfs btrfs-progs:mkfs.btrfs dmsetup:dmsetup
+GUEST_APT := qemu-system-x86:qemu-system-x86_64 busybox-static:busybox cpio:cpio xz-utils:xz kmod:modprobe
+define apt_install
+	@missing=""; for pair in $(1); do \
+	    PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
-	    echo "make deps: installing Debian packages (missing:$$missing)"; \
+	    echo "make deps: installing Debian packages:$$missing"; \
 	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	        --no-install-recommends $(APT_PACKAGES) >/dev/null || exit 1; \
+	        --no-install-recommends $$missing >/dev/null || exit 1; \
 	fi
-	@$(PY) -c 'import pytest, dmflakey_ioctl.cli' 2>/dev/null && \
-	    $(PY) -c 'import dmflakey_ioctl, os, sys; sys.exit(0 if os.path.dirname(dmflakey_ioctl.__file__) == os.path.abspath("dmflakey_ioctl") else 1)' 2>/dev/null || { \
+endef
+
+.PHONY: deps vm-deps test unit kernel vm-test vm-shell demo bench clean
+
+# the guest only where the kernel tests cannot run natively
+deps: $(if $(NATIVE),,vm-deps)
+	$(call apt_install,$(TEST_APT))
+	@cd / && $(PY) $(CURDIR)/scripts/check-install $(CURDIR) || { \
 	    echo "make deps: installing dmflakey-ioctl (editable) and pytest"; \
-	    $(PY) -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]' || exit 1; }
+	    PIP_ROOT_USER_ACTION=ignore PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+	        $(PY) -m pip install -q -e '.[test]' || exit 1; }
+
+vm-deps:
+	$(call apt_install,$(GUEST_APT))
 	@$(VM) --fetch >/dev/null 2>&1 || $(VM) --fetch
 
 test: deps unit kernel
@@ -44,10 +53,10 @@ else
 	$(VM) -- $(PY) -m pytest $(PYTEST_GUEST_OPTS) tests/kernel -q
 endif
 
-vm-test: deps
+vm-test: deps vm-deps
 	$(VM) -- $(PY) -m pytest $(PYTEST_GUEST_OPTS) tests/kernel -q
 
-vm-shell: deps
+vm-shell: deps vm-deps
 	$(VM)
 
 demo: deps

@@ -49,7 +49,6 @@ TARGET_SPEC = struct.Struct("=QQiI16s")           # struct dm_target_spec
 NAME_LIST = struct.Struct("=QI")                   # struct dm_name_list (name at 12)
 NAME_LIST_NAME = 12
 TARGET_VERSIONS = struct.Struct("=I3I")            # struct dm_target_versions (name at 16)
-U32 = struct.Struct("=I")
 U32X2 = struct.Struct("=II")
 U64 = struct.Struct("=Q")
 
@@ -431,19 +430,14 @@ class PreparedCall:
         self.device = device
         self._request = command.request  # an enum property is slow to read on every call
 
-    def run(self) -> Reply:
-        buf = bytearray(self._template)
-        self.send(buf)
-        return Reply(buf)
-
-    def send(self, buf: Optional[bytearray] = None) -> None:
-        """run() without decoding the answer: the fault switch's fast path."""
+    def send(self) -> None:
+        """Send a fresh copy of the template; the answer is not decoded (the switch's fast path)."""
         control = self._control
         fd = control._fd
         if fd is None or control._pid != _pid:
             fd = control.fileno()  # outside the try: its own errors (no dm, not root) stand
         try:
-            result = fcntl.ioctl(fd, self._request, bytearray(self._template) if buf is None else buf)
+            result = fcntl.ioctl(fd, self._request, bytearray(self._template))
         except OSError as exc:
             raise _error(self.command, self.operation, self.device, exc.errno or 0,
                          time.monotonic()) from None
@@ -520,15 +514,17 @@ class Control:
         if not os.path.exists(self.path):
             check_device_mapper()  # never leave a control node on a host without dm
         try:
-            nodes.ensure_node(self.path, stat.S_IFCHR, CONTROL_RDEV, 0o600)
+            made = nodes.ensure_node(self.path, stat.S_IFCHR, CONTROL_RDEV, 0o600)
         except PermissionError as exc:
             raise NotRootError("open", self.path, "device-mapper needs root", exc.errno) from None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except PermissionError as exc:
-            raise NotRootError("open", self.path, "device-mapper needs root (CAP_SYS_ADMIN)",
-                               exc.errno) from None
         except OSError as exc:
+            if made:  # a node for a driver that is not there helps nobody
+                os.unlink(self.path)
+            if isinstance(exc, PermissionError):
+                raise NotRootError("open", self.path, "device-mapper needs root (CAP_SYS_ADMIN)",
+                                   exc.errno) from None
             if exc.errno in (errno.ENODEV, errno.ENXIO, errno.ENOENT):
                 raise KernelSupportError("open", self.path, "the kernel has no device-mapper: load "
                                          "it with `modprobe dm-mod` (CONFIG_BLK_DEV_DM)",
@@ -651,6 +647,9 @@ class Control:
                 reply = self.call(Command.DEV_REMOVE, "remove", name, name=raw, flags=flags,
                                   event_nr=self.udev_cookie(), size=HEADER.size)
                 break
+            except DeviceNotFoundError:
+                nodes.remove_node(f"{MAPPER_DIR}/{name}", None)  # a node of ours may outlive it
+                raise
             except DeviceBusyError:
                 if attempt == retries:
                     raise

@@ -492,8 +492,8 @@ def attach_flakey(name: str, device: str, *, persistent: bool = False) -> Flakey
     owner = Owner.current(KIND_DEVICE, persistent)
     with ExitStack() as undo:
         _create_device(name, backing, sectors, owner, undo)
+        detected = fs.detect_fs(device)
         undo.pop_all()
-    detected = fs.detect_fs(device)
     return Flakey(name, backing, sectors, owner=owner, filesystem=detected)
 
 

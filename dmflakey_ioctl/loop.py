@@ -132,7 +132,11 @@ def attach(path: str, *, read_only: bool = False, direct_io: bool = False, autoc
     control = _open_control()
     try:
         for attempt in range(ATTACH_TRIES):
-            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            try:
+                number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            except OSError as exc:
+                raise DMFlakeyError("attach", path, "LOOP_CTL_GET_FREE found no free loop device",
+                                    exc.errno) from None
             dev_path = _node_for(number)
             try:
                 fd = os.open(dev_path, mode | os.O_CLOEXEC)
@@ -149,7 +153,13 @@ def attach(path: str, *, read_only: bool = False, direct_io: bool = False, autoc
                     time.sleep(0.001 * (attempt + 1))  # another process won the race for this number
                     continue
                 raise DMFlakeyError("attach", path, f"cannot configure {dev_path}", exc.errno) from None
-            size = _size(fd)
+            try:
+                size = _size(fd)
+            except OSError as exc:
+                fcntl.ioctl(fd, LOOP_CLR_FD, 0)
+                os.close(fd)
+                raise DMFlakeyError("attach", path, f"BLKGETSIZE64 on {dev_path} failed; detached "
+                                    "it again", exc.errno) from None
             if not autoclear:
                 os.close(fd)
                 fd = None
@@ -200,7 +210,10 @@ def device_size(path: str) -> int:
 
 
 def _number(path: str) -> int:
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DMFlakeyError("loop", path, "no such device node", exc.errno) from None
     if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
         raise InvalidArgumentError("loop", path, "not a loop block device")
     return os.minor(st.st_rdev)
@@ -249,6 +262,8 @@ def detach(path: str, *, _fd: Optional[int] = None, _backing: Optional[str] = No
     """
     number = _number(path)
     current = _backing_file(number)
+    if current is not None and current.endswith(" (deleted)"):  # the image was unlinked meanwhile
+        current = current[:-len(" (deleted)")]
     if current is None or (_backing is not None and current != _backing):
         if _fd is not None:
             os.close(_fd)
