@@ -35,7 +35,7 @@ deps: $(if $(NATIVE),,vm-deps)
 	@cd / && $(PY) $(CURDIR)/scripts/check-install $(CURDIR) || { \
 	    echo "make deps: installing dmflakey-ioctl (editable) and pytest"; \
 	    PIP_ROOT_USER_ACTION=ignore PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-	        $(PY) -m pip install -q -e '.[test]' || exit 1; }
+	        $(PY) -m pip install -q -e '$(CURDIR)[test]' || exit 1; }
 
 vm-deps:
 	$(call apt_install,$(GUEST_APT))
