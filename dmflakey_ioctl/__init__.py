@@ -89,8 +89,7 @@ _LAZY = {
     "Direction": "table",
     "FlakeyTable": "table",
 }
-# submodules the package used to import eagerly: `dmflakey_ioctl.dm` keeps working
-_SUBMODULES = ("dm", "errors", "features", "flakey", "fs", "loop", "nodes", "table")
+_SUBMODULES = ("errors", "features", "flakey", "fs", "kernel", "tables")
 
 
 def __getattr__(name: str) -> object:

@@ -18,12 +18,12 @@ import traceback
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
-from . import dm
+from .kernel import dm
 from .errors import DMFlakeyError
 from .flakey import (DEFAULT_INTERVAL, Flakey, Owner, attach_flakey, check_device_mapper,
                      cleanup_stale, init_flakey_image, list_flakey, open_flakey)
 from .fs import FSType
-from .table import PROBABILITY_MAX, FlakeyTable
+from .tables.flakey import PROBABILITY_MAX, FlakeyTable
 
 __all__ = ["main", "build_parser", "parse_size", "parse_probability", "table_mode",
            "table_features", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]

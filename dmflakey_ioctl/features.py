@@ -13,9 +13,9 @@ import os
 import threading
 from typing import Callable, Dict, Optional
 
-from . import dm
+from .kernel import dm
 from .errors import DMFlakeyError, UnsupportedFeatureError
-from .table import FlakeyTable
+from .tables.flakey import FlakeyTable
 
 __all__ = ["FEATURE_SINCE", "supported", "require", "reset_cache"]
 

@@ -20,12 +20,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
 
-from . import dm, features, fs, loop
-from .dm import check_device_mapper
+from . import features, fs
+from .kernel import dm, loop
+from .kernel.dm import check_device_mapper
 from .errors import (DeviceExistsError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError,
                      InvalidNameError)
 from .fs import FSType
-from .table import CorruptBIOByte, Direction, FlakeyTable, PROBABILITY_MAX
+from .tables.flakey import CorruptBIOByte, Direction, FlakeyTable, PROBABILITY_MAX
 
 __all__ = [
     "Flakey", "init_flakey", "init_flakey_image", "attach_flakey", "open_flakey", "cleanup_stale",

@@ -39,7 +39,7 @@ def unavailable_reason() -> Optional[str]:
     """Why flakey devices cannot be made here (no root, no device-mapper, no dm-flakey), or None."""
     if os.geteuid() != 0:
         return "needs root"
-    from . import dm
+    from .kernel import dm
     from .errors import DMFlakeyError, KernelSupportError
     from .flakey import check_device_mapper
     try:

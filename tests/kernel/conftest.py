@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dmflakey_ioctl.dm import check_device_mapper
+from dmflakey_ioctl.kernel.dm import check_device_mapper
 from dmflakey_ioctl.errors import KernelSupportError
 
 from .helpers import dm_names

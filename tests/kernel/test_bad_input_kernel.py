@@ -18,9 +18,9 @@ import stat
 
 import pytest
 
-from dmflakey_ioctl import dm
+from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import InvalidArgumentError
-from dmflakey_ioctl.table import FlakeyTable
+from dmflakey_ioctl.tables.flakey import FlakeyTable
 from tests.unit.test_bad_input import (NAME_CASES, SEED, SPECIAL_NAMES, TABLE_CASES, build_table, random_name,
                                        random_table_args, random_uuid)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from dmflakey_ioctl import dm, loop
+from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.errors import DeviceNotFoundError
 from dmflakey_ioctl.flakey import open_flakey
-from dmflakey_ioctl.table import CorruptBIOByte, FlakeyTable
+from dmflakey_ioctl.tables.flakey import CorruptBIOByte, FlakeyTable
 
 from .helpers import dm_names, sparse_file, unique_name
 

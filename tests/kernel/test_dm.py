@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dmflakey_ioctl import dm, loop
+from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.errors import (DeviceBusyError, DeviceExistsError, DeviceNotFoundError,
                                    DMFlakeyError, InvalidNameError, TableRejectedError)
 

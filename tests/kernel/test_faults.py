@@ -18,10 +18,12 @@ from typing import Callable, List
 
 import pytest
 
-from dmflakey_ioctl import dm, fs
+from dmflakey_ioctl import fs
+
+from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import DeviceBusyError, DMFlakeyError, InvalidArgumentError, TableRejectedError
 from dmflakey_ioctl.flakey import KIND_IMAGE, Owner, cleanup_stale, init_flakey
-from dmflakey_ioctl.table import FlakeyTable
+from dmflakey_ioctl.tables.flakey import FlakeyTable
 
 from .helpers import dm_names, unique_name
 from .test_stress import leftovers

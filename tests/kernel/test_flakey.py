@@ -24,12 +24,14 @@ from typing import Callable, Optional
 
 import pytest
 
-from dmflakey_ioctl import dm, features, fs
+from dmflakey_ioctl import features, fs
+
+from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import (DeviceBusyError, DeviceExistsError, DMFlakeyError, InvalidArgumentError,
                                    TableRejectedError, UnsupportedFeatureError)
 from dmflakey_ioctl.flakey import UUID_PREFIX, Flakey, cleanup_stale, init_flakey, open_flakey
 from dmflakey_ioctl.fs import FSType
-from dmflakey_ioctl.table import PROBABILITY_MAX, CorruptBIOByte, FlakeyTable
+from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, FlakeyTable
 
 from .helpers import dm_names, unique_name
 

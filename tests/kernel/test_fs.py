@@ -9,7 +9,9 @@ from typing import NamedTuple
 
 import pytest
 
-from dmflakey_ioctl import fs, loop
+from dmflakey_ioctl import fs
+
+from dmflakey_ioctl.kernel import loop
 from dmflakey_ioctl.errors import DeviceBusyError, DMFlakeyError
 
 

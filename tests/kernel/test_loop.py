@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dmflakey_ioctl import dm, loop
+from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.errors import DeviceBusyError, DeviceNotFoundError, InvalidArgumentError
 
 from .helpers import dm_names, sparse_file, unique_name

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dmflakey_ioctl import dm, fs, loop
+from dmflakey_ioctl import fs
+
+from dmflakey_ioctl.kernel import dm, loop
 
 from .helpers import dm_names, sparse_file, unique_name
 
@@ -53,7 +55,8 @@ def sysfs_dev(block):
 
 
 def life_cycle():
-    from dmflakey_ioctl import dm, fs, loop
+    from dmflakey_ioctl import fs
+    from dmflakey_ioctl.kernel import dm, loop
     lo = loop.attach(image)
     created = False
     try:
@@ -323,13 +326,14 @@ def spawn_sites(tree: ast.Module) -> list[tuple[str, int, str]]:
 
 
 def test_the_package_runs_no_program_but_mkfs():
-    trees = {m.name: ast.parse(m.read_text(), str(m)) for m in sorted(PACKAGE.glob("*.py"))}
-    assert {"dm.py", "loop.py", "nodes.py", "fs.py"} <= set(trees)
+    trees = {str(m.relative_to(PACKAGE)): ast.parse(m.read_text(), str(m))
+             for m in sorted(PACKAGE.rglob("*.py"))}
+    assert {"kernel/dm.py", "kernel/loop.py", "kernel/nodes.py", "fs.py"} <= set(trees)
     sites = {name: spawn_sites(tree) for name, tree in trees.items()}
     outside = {name: found for name, found in sites.items()
                if found and (name != "fs.py" or any(function != "mkfs" for function, _, _ in found))}
     assert not outside, f"process-starting calls outside fs.mkfs: {outside}"
-    for module in ("dm.py", "loop.py", "nodes.py"):
+    for module in ("kernel/dm.py", "kernel/loop.py", "kernel/nodes.py"):
         assert sites[module] == []
     # the one call that runs a program runs the program mkfs looked up as mkfs.<fs>
     mkfs = next(n for n in ast.walk(trees["fs.py"]) if isinstance(n, ast.FunctionDef) and n.name == "mkfs")

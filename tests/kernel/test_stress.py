@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Dict, List
 
-from dmflakey_ioctl import dm
+from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.flakey import Flakey, init_flakey
 
 from .helpers import dm_names, unique_name

@@ -20,11 +20,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 
-from dmflakey_ioctl import dm
+from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import (DMFlakeyError, InvalidArgumentError, InvalidNameError,
                                    InvalidTableError, KernelSupportError)
 from dmflakey_ioctl.flakey import Flakey, Owner, init_flakey
-from dmflakey_ioctl.table import PROBABILITY_MAX, CorruptBIOByte, FlakeyTable
+from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, FlakeyTable
 
 SEED = 0xD3F1A4E
 TABLE_CASES = 600

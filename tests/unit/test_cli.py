@@ -12,7 +12,7 @@ import pytest
 
 from dmflakey_ioctl import cli
 from dmflakey_ioctl.errors import DeviceNotFoundError, KernelSupportError
-from dmflakey_ioctl.table import CorruptBIOByte, FlakeyTable
+from dmflakey_ioctl.tables.flakey import CorruptBIOByte, FlakeyTable
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20

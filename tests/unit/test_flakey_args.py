@@ -16,10 +16,12 @@ from datetime import timedelta
 
 import pytest
 
-from dmflakey_ioctl import dm, features
+from dmflakey_ioctl import features
+
+from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import InvalidArgumentError, InvalidTableError, UnsupportedFeatureError
 from dmflakey_ioctl.flakey import DEFAULT_INTERVAL, Flakey, Owner
-from dmflakey_ioctl.table import PROBABILITY_MAX, CorruptBIOByte, Direction, FlakeyTable
+from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, Direction, FlakeyTable
 
 CONTROL = dm.CONTROL_PATH
 BACKING = "7:0"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dmflakey_ioctl import dm, loop
+from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.errors import InvalidArgumentError, InvalidNameError
 
 HEADERS = [Path("/usr/include/linux/dm-ioctl.h"), Path("/usr/include/linux/loop.h"),

@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from dmflakey_ioctl.errors import InvalidArgumentError, InvalidTableError
-from dmflakey_ioctl.table import PROBABILITY_MAX, CorruptBIOByte, Direction, FlakeyTable
+from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, Direction, FlakeyTable
 
 U32 = 2**32 - 1
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import InvalidTableError
+from ..errors import InvalidTableError
 
 __all__ = ["Direction", "CorruptBIOByte", "FlakeyTable", "PROBABILITY_MAX"]
 

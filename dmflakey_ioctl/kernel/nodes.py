@@ -15,7 +15,7 @@ import stat
 import time
 from pathlib import Path
 
-from .errors import DMFlakeyError, NotRootError
+from ..errors import DMFlakeyError, NotRootError
 
 UDEV_CONTROL = "/run/udev/control"
 DM_UDEV_RULES = [

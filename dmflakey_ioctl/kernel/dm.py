@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from . import nodes
-from .errors import (DeviceBusyError, DeviceExistsError, DeviceNotFoundError, DMFlakeyError,
+from ..errors import (DeviceBusyError, DeviceExistsError, DeviceNotFoundError, DMFlakeyError,
                      InvalidArgumentError, InvalidNameError, InvalidTableError, KernelSupportError,
                      NotRootError, TableRejectedError)
 

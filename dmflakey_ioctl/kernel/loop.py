@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import nodes
-from .errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, \
+from ..errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, \
     KernelSupportError, NotRootError, opened
 
 __all__ = ["LoopDevice", "attach", "detach", "info", "device_size", "LOOP_MAJOR"]
