@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 __all__ = [
     "DMFlakeyError",
+    "PermissionDeniedError",
     "NotRootError",
     "KernelSupportError",
     "UnsupportedFeatureError",
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidNameError",
     "InvalidTableError",
     "TableRejectedError",
+    "LeftAloneWarning",
     "opened",
 ]
 
@@ -59,7 +61,15 @@ def _rebuild(cls, args, extra):
     return cls(*args, **extra)
 
 
-class NotRootError(DMFlakeyError, PermissionError):
+class PermissionDeniedError(DMFlakeyError, PermissionError):
+    """The kernel said EACCES or EPERM although the caller is privileged.
+
+    A device cgroup, a user namespace, a security module or a read-only
+    backing device: the message says which cases fit the operation.
+    """
+
+
+class NotRootError(PermissionDeniedError):
     """The caller lacks CAP_SYS_ADMIN (device-mapper answers EACCES)."""
 
 
@@ -106,6 +116,10 @@ class TableRejectedError(DMFlakeyError):
     """The kernel refused a table; attribute ``kernel_log`` holds what it said in /dev/kmsg."""
 
     kernel_log: str
+
+
+class LeftAloneWarning(UserWarning):
+    """Something the library would have removed was not provably its own, so it was kept."""
 
 
 @contextmanager

@@ -1,80 +1,174 @@
-"""Which dm-flakey features the running kernel has, found out by trying.
+"""Which features the running kernel's targets really have, found out by trying.
 
 The flakey target has reported version 1.5.0 since about 4.13 while features
-kept arriving, so its version tells nothing.  Instead a feature is tried once
-per process: a table using it is loaded on a scratch flakey device over a tiny
-dm ``zero`` device, and the answer is cached.
+kept arriving, and a kernel can accept a table and still do nothing with it
+(read-direction ``corrupt_bio_byte`` before a 2025 fix).  So a feature counts
+as supported only when its EFFECT was seen: once per process, a scratch device
+with the feature is made over a small memory-backed loop device (a memfd) and
+read or written, and the outcome is cached.
+
+Probe devices carry an owner uuid of kind ``probe`` and a random name, so a
+killed process's probes are found by ``cleanup_stale`` and a later process
+with the same pid never collides with them.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
-from typing import Callable, Dict, Optional
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional
 
-from .kernel import dm
 from .errors import DMFlakeyError, UnsupportedFeatureError
-from .tables.flakey import FlakeyTable
+from .kernel import dm, loop
+from .ownership import Kind, Owner
+from .tables.delay import DelayTable
+from .tables.flakey import CorruptBIOByte, Direction, FlakeyTable, PROBABILITY_MAX
 
-__all__ = ["FEATURE_SINCE", "supported", "require", "reset_cache"]
+__all__ = ["FEATURE_SINCE", "supported", "require", "needed", "reset_cache"]
 
-# The kernel release that added each feature of the flakey target.
+# When each feature that a supported kernel may lack arrived.
 FEATURE_SINCE: Dict[str, str] = {
-    "drop_writes": "3.1",
-    "corrupt_bio_byte": "3.1",
-    "error_writes": "4.10",
-    "error_reads": "6.4",
-    "random_read_corrupt": "6.5",
-    "random_write_corrupt": "6.5",
+    "error_reads": "Linux 6.4",
+    "random_read_corrupt": "Linux 6.5",
+    "random_write_corrupt": "Linux 6.5",
+    "corrupt_bio_byte_read": ("the mid-2025 fix \"dm-flakey: make corrupting read bios work\" "
+                              "(in the 6.6, 6.12 and 6.15 stable lines and later releases)"),
+    "delay_flush": "Linux 4.19",
 }
-# Features older than any kernel this library can meet are not probed.
-_PROBED = {"error_reads", "random_read_corrupt", "random_write_corrupt"}
-_PROBE_SECTORS = 8
+# How the lack shows, for the error message.
+_LACK = {
+    "error_reads": "this kernel's dm-flakey has no error_reads",
+    "random_read_corrupt": "this kernel's dm-flakey has no random_read_corrupt",
+    "random_write_corrupt": "this kernel's dm-flakey has no random_write_corrupt",
+    "corrupt_bio_byte_read": "this kernel's dm-flakey accepts corrupt_bio_byte in the read direction "
+                             "but corrupts nothing",
+    "delay_flush": "this kernel's dm-delay has no separate flush delay",
+}
+
+_SCRATCH_BYTES = 64 * 1024
+_PATTERN = 0xA5
+_BLOCK = 4096
+_FLUSH_PROBE_MS = 150
 
 _cache: Dict[str, bool] = {}
 _lock = threading.Lock()
 
 
-def _probe_table(feature: str, device: str) -> FlakeyTable:
-    if feature == "error_reads":
-        return FlakeyTable(device, 0, 1, error_reads=True)
-    if feature == "random_read_corrupt":
-        return FlakeyTable(device, 0, 1, random_read_corrupt=1)
-    return FlakeyTable(device, 0, 1, random_write_corrupt=1)
+def needed(table: object) -> List[str]:
+    """The probed features a target table uses (the others exist on every kernel supported)."""
+    if isinstance(table, DelayTable):
+        return ["delay_flush"] if table.needs_flush_class else []
+    if not isinstance(table, FlakeyTable):
+        return []
+    out = [f for f in ("error_reads", "random_read_corrupt", "random_write_corrupt")
+           if getattr(table, f) not in (None, False)]
+    corrupt = table.corrupt_bio_byte
+    if corrupt is not None and corrupt.direction is Direction.READ:
+        out.append("corrupt_bio_byte_read")
+    return out
+
+
+@contextmanager
+def _scratch(table: Callable[[str], tuple]) -> Iterator[tuple[str, int]]:
+    """A dm device with table(backing) over a memfd-backed loop device: (node path, memfd).
+
+    The memfd starts filled with a pattern; everything is gone on exit.  The dm
+    device comes first: without device-mapper nothing else is made.
+    """
+    name = f"dmflakey-probe-{os.urandom(6).hex()}"
+    uuid = Owner.current(Kind.PROBE).uuid()
+    dm.create(name, uuid=uuid)
+    try:
+        memfd = os.memfd_create("dmflakey-probe", os.MFD_CLOEXEC)
+        try:
+            os.write(memfd, bytes([_PATTERN]) * _SCRATCH_BYTES)
+            with loop.attach_fd(memfd, "dmflakey-probe", autoclear=True) as lo:
+                dm.load(dm.ByUuid(uuid), [table(lo.major_minor)])
+                lo.close()  # the table holds it now: autoclear frees it with the device
+                yield dm.resume(dm.ByUuid(uuid)).path, memfd
+        finally:
+            os.close(memfd)
+    finally:
+        dm.remove(dm.ByUuid(uuid))
+
+
+def _io(path: str, write: Optional[bytes] = None) -> bytes:
+    """One O_DIRECT block read (or write, then the data written) of the device at path."""
+    buf = mmap.mmap(-1, _BLOCK)
+    fd = os.open(path, (os.O_RDWR if write is not None else os.O_RDONLY) | os.O_DIRECT
+                 | os.O_CLOEXEC)
+    try:
+        if write is not None:
+            buf.write(write)
+            os.pwritev(fd, [buf], 0)
+            return write
+        os.preadv(fd, [buf], 0)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _flakey(**feature: object) -> Callable[[str], tuple]:
+    return lambda backing: (0, _SCRATCH_BYTES // 512, "flakey",
+                            FlakeyTable(backing, 0, 1, **feature).params())  # type: ignore[arg-type]
+
+
+def _differs_from_pattern(data: bytes) -> bool:
+    return data != bytes([_PATTERN]) * len(data)
 
 
 def _probe(feature: str) -> bool:
-    """Load a table with feature on scratch devices; True when the kernel took it."""
-    suffix = f"{os.getpid()}-{threading.get_ident() % 100000}"
-    base, probe = f"dmflakey-probe-zero-{suffix}", f"dmflakey-probe-{suffix}"
-    ctl = dm.control()
-    zero = ctl.create(base, uuid=f"DMFLAKEY-PROBE-{suffix}-z")
+    """Make a scratch device with feature and look for its effect; False when refused or inert."""
+    attempts = 3  # a random corruption may write the value that was there (1 in 256)
     try:
-        ctl.load(base, [dm.Target(0, _PROBE_SECTORS, "zero", "")])
-        ctl.resume(base)
-        ctl.create(probe, uuid=f"DMFLAKEY-PROBE-{suffix}-f")
-        try:
-            table = _probe_table(feature, f"{zero.major}:{zero.minor}")
-            try:
-                ctl.load(probe, [dm.Target(0, _PROBE_SECTORS, "flakey", table.params())])
-            except DMFlakeyError as exc:
-                if exc.errno == errno.EINVAL:
-                    return False
-                raise
-            return True
-        finally:
-            ctl.remove(probe)
-    finally:
-        ctl.remove(base)
+        if feature == "error_reads":
+            with _scratch(_flakey(error_reads=True)) as (path, _):
+                try:
+                    _io(path)
+                except OSError as exc:
+                    return exc.errno == errno.EIO
+                return False
+        if feature == "corrupt_bio_byte_read":
+            spec = CorruptBIOByte(1, Direction.READ, _PATTERN ^ 0xFF)
+            with _scratch(_flakey(corrupt_bio_byte=spec)) as (path, _):
+                return _io(path)[0] == _PATTERN ^ 0xFF
+        if feature == "random_read_corrupt":
+            with _scratch(_flakey(random_read_corrupt=PROBABILITY_MAX)) as (path, _):
+                return any(_differs_from_pattern(_io(path)) for _ in range(attempts))
+        if feature == "random_write_corrupt":
+            with _scratch(_flakey(random_write_corrupt=PROBABILITY_MAX)) as (path, memfd):
+                for _ in range(attempts):
+                    _io(path, bytes([_PATTERN]) * _BLOCK)
+                    if _differs_from_pattern(os.pread(memfd, _BLOCK, 0)):
+                        return True
+                return False
+        if feature == "delay_flush":
+            table = lambda backing: (0, _SCRATCH_BYTES // 512, "delay",  # noqa: E731
+                                     DelayTable(backing, 0, 0, 0, _FLUSH_PROBE_MS).params())
+            with _scratch(table) as (path, _):
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    started = time.monotonic()
+                    os.fsync(fd)   # a flush of the device: held back by the flush delay only
+                    return time.monotonic() - started >= _FLUSH_PROBE_MS / 1000 * 0.9
+                finally:
+                    os.close(fd)
+    except DMFlakeyError as exc:
+        if exc.errno == errno.EINVAL:   # the kernel refused the table: no such feature
+            return False
+        raise
+    raise ValueError(f"unknown feature {feature!r}")
 
 
 def supported(feature: str, *, probe: Optional[Callable[[str], bool]] = None) -> bool:
-    """Whether the running kernel's dm-flakey has feature (probed once per process)."""
+    """Whether the running kernel has feature, with its effect seen (probed once per process)."""
     if feature not in FEATURE_SINCE:
-        raise ValueError(f"unknown dm-flakey feature {feature!r}")
-    if feature not in _PROBED:
-        return True
+        raise ValueError(f"unknown feature {feature!r}")
     with _lock:
         if feature not in _cache:
             _cache[feature] = (probe or _probe)(feature)
@@ -88,11 +182,11 @@ def require(feature: str, device: Optional[str], *,
         return
     since, running = FEATURE_SINCE[feature], os.uname().release
     raise UnsupportedFeatureError(
-        feature, device, f"this kernel's dm-flakey has no {feature} (added in Linux {since}; "
-        f"running {running})", errno.EINVAL, feature=feature, since=since, running=running)
+        feature, device, f"{_LACK[feature]} (added in {since}; running Linux {running})",
+        errno.EOPNOTSUPP, feature=feature, since=since, running=running)
 
 
 def reset_cache() -> None:
-    """Forget what was probed (tests, or after loading a newer dm-flakey module)."""
+    """Forget what was probed (tests, or after loading a newer module)."""
     with _lock:
         _cache.clear()

@@ -1,99 +1,63 @@
-"""Flakey devices: go-dmflakey's API, every dm-flakey fault mode, one teardown.
+"""Flakey devices: go-dmflakey's API, every dm-flakey fault, latency, scopes, one teardown.
 
 ``init_flakey`` turns a new sparse image into ``/dev/mapper/<name>``: mkfs,
-loop attach, a flakey table that lets everything through.  Each fault method
-swaps the table (suspend, load, resume) and never leaves the device
-suspended.  Devices carry a uuid that says who made them and whether the
-image is theirs, so that a later process (the CLI, ``cleanup_stale``) can find
-and remove them from what the kernel reports, without any state file.
+loop attach, a flakey table that lets everything through.  Each fault switch
+swaps the table in (load, then a resume that suspends, swaps and resumes)
+and never leaves the device suspended.
+
+Every switch goes through one path: its arguments (with a scope resolved to
+sector ranges) form a key, and a per-device cache maps the key to a prepared
+:class:`~dmflakey_ioctl.kernel.dm.TableSwap`, built once.  A scoped fault is a
+multi-segment table: the fault over the scope's ranges and ``linear``
+pass-through elsewhere (see tables/segments.py).
+
+A ``Flakey`` addresses its device by uuid, never by name, and remembers the
+device numbers and the image's inode: a handle whose device was removed and
+made again under the same name refuses to touch the newcomer.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import stat
 import sys
-import time
-from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
+from contextlib import ExitStack, contextmanager
+from typing import (TYPE_CHECKING, Callable, Dict, Hashable, Iterator, List, Optional, Sequence,
+                    Tuple, Union)
 
-from . import features, fs
-from .kernel import dm, loop
-from .kernel.dm import check_device_mapper
+from . import cleanup, features, fs
+from .cleanup import OwnedDevice, cleanup_stale
 from .errors import (DeviceExistsError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError,
                      InvalidNameError)
 from .fs import FSType
+from .images import BackingImage, attach_image, backing_of, create_image, delete_image
+from .kernel import dm, loop, mountinfo
+from .kernel.dm import check_device_mapper
+from .ownership import Kind, Owner
+from .tables.delay import DelayTable
 from .tables.flakey import CorruptBIOByte, Direction, FlakeyTable, PROBABILITY_MAX
+from .tables.linear import LinearTable
+from .tables.segments import DeviceTable, Range, TargetTable, merge_ranges, subtract_ranges
 
 __all__ = [
     "Flakey", "init_flakey", "init_flakey_image", "attach_flakey", "open_flakey", "cleanup_stale",
-    "list_flakey", "check_device_mapper", "DEFAULT_IMAGE_SIZE", "DEFAULT_INTERVAL", "UUID_PREFIX",
-    "Owner",
+    "list_flakey", "check_device_mapper", "DEFAULT_IMAGE_SIZE", "DEFAULT_INTERVAL", "Scope",
 ]
 
 DEFAULT_IMAGE_SIZE = 10 << 30
 """10 GiB, sparse, as in go-dmflakey."""
 DEFAULT_INTERVAL = 120
 """Seconds; go-dmflakey's default interval."""
-UUID_PREFIX = "DMFLAKEY-"
-# what the library owns besides the dm device
-KIND_IMAGE = "img"    # an image file it created, attached to a loop device: both are removed
-KIND_DEVICE = "dev"   # a block device the caller gave: left alone
+FLAKEY_KINDS = (Kind.FLAKEY_IMAGE, Kind.FLAKEY_DEVICE)
 
 if TYPE_CHECKING:
     from datetime import timedelta
 Interval = Union[int, "timedelta"]
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who made a device, decoded from its uuid ``DMFLAKEY-<pid>.<start>-<kind>-<nonce>``.
-
-    pid 0 means no owning process (made by the CLI): such a device is never stale.
-    """
-
-    pid: int
-    start_time: int
-    kind: str
-
-    @classmethod
-    def current(cls, kind: str, persistent: bool = False) -> "Owner":
-        if persistent:
-            return cls(0, 0, kind)
-        return cls(os.getpid(), _start_time(os.getpid()) or 0, kind)
-
-    def uuid(self) -> str:
-        return f"{UUID_PREFIX}{self.pid}.{self.start_time}-{self.kind}-{os.urandom(6).hex()}"
-
-    @classmethod
-    def from_uuid(cls, uuid: Optional[str]) -> Optional["Owner"]:
-        if not uuid or not uuid.startswith(UUID_PREFIX):
-            return None
-        try:
-            who, kind, _nonce = uuid[len(UUID_PREFIX):].split("-")
-            pid, start = who.split(".")
-            return cls(int(pid), int(start), kind)
-        except ValueError:
-            return None
-
-    def alive(self) -> bool:
-        """True while the owning process runs (or for persistent devices)."""
-        if self.pid == 0:
-            return True
-        return _start_time(self.pid) == self.start_time
-
-
-def _start_time(pid: int) -> Optional[int]:
-    """A process's start time in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    return int(data.rsplit(b")", 1)[1].split()[19])
+PathLike = Union[str, "os.PathLike[str]"]
+Scope = Union[PathLike, Sequence[Union[PathLike, Range]]]
+"""A file on the device, or a list of files and ``(start_sector, nr_sectors)`` ranges."""
+_SWAP_CACHE = 64   # prepared switches kept per device
 
 
 def _seconds(value: Interval, what: str, operation: str, device: str) -> int:
@@ -122,6 +86,13 @@ def _probability(value: float, operation: str, device: str) -> int:
     return max(1, round(value * PROBABILITY_MAX))
 
 
+def _milliseconds(value: int, what: str, operation: str, device: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise InvalidArgumentError(operation, device, f"{what} must be a whole number of "
+                                   f"milliseconds from 0 to {2**32 - 1}, got {value!r}")
+    return value
+
+
 class Flakey:
     """A dm-flakey device over a loop-attached image (or a given block device).
 
@@ -130,30 +101,29 @@ class Flakey:
     image the library made) the image; it is also what leaving a ``with`` does.
     """
 
-    def __init__(self, name: str, backing: str, sectors: int, *, owner: Owner,
-                 loop_device: Optional[str] = None, image_path: Optional[str] = None,
+    def __init__(self, name: str, uuid: str, dev: int, backing: str, sectors: int, *,
+                 owner: Owner, image: Optional[BackingImage] = None,
                  filesystem: Optional[FSType] = None) -> None:
         self.name = name
+        self.uuid = uuid
+        self.dev = dev                  # the dm device's number
         self.device_path = f"{dm.MAPPER_DIR}/{name}"
         self.backing = backing          # "major:minor" of what the table maps
         self.sectors = sectors
         self.owner = owner
-        self.loop_device = loop_device
-        self.image_path = image_path
+        self.image = image
         self.filesystem = filesystem
+        self._control = dm.control()
+        self._swaps: Dict[Hashable, dm.TableSwap] = {}
         self._torn_down = False
-        ctl = self._control = dm.control()
-        # A resume that finds a loaded table suspends the device itself (freezing the
-        # filesystem unless SKIP_LOCKFS), swaps the tables and resumes: one ioctl fewer
-        # than suspend + load + resume, and no separate suspend, which the kernel often
-        # holds up for a grace period of the resume before it.
-        self._resume = ctl.prepare(dm.Command.DEV_SUSPEND, "resume", name, flags=dm.Flag.SKIP_LOCKFS,
-                                   event_nr=ctl.udev_cookie())
-        self._resume_lockfs = ctl.prepare(dm.Command.DEV_SUSPEND, "resume", name,
-                                          event_nr=ctl.udev_cookie())
-        self._loads: dict[FlakeyTable, dm.PreparedCall] = {}
-        self._swaps: dict[int, tuple] = {}
-        self._tables: dict[tuple, FlakeyTable] = {}
+
+    @property
+    def loop_device(self) -> Optional[str]:
+        return self.image.loop_path if self.image else None
+
+    @property
+    def image_path(self) -> Optional[str]:
+        return self.image.path if self.image else None
 
     def __repr__(self) -> str:
         return (f"Flakey(name={self.name!r}, device_path={self.device_path!r}, "
@@ -169,166 +139,218 @@ class Flakey:
     # -- fault switches ---------------------------------------------------------------------
 
     def allow_writes(self, *, interval: Interval = DEFAULT_INTERVAL, sync_fs: bool = False) -> None:
-        """Let all I/O through (the up interval is ``interval`` seconds, the down interval 0)."""
-        table = self._tables.get(("allow_writes", interval)) if type(interval) is int else None
-        if table is None:
-            table = self._table(_seconds(interval, "interval", "allow_writes", self.name), 0)
-            if type(interval) is int:
-                self._tables[("allow_writes", interval)] = table
-        self.load_table(table, sync_fs=sync_fs)
+        """Let all I/O through on the whole device (``interval`` is dm-flakey's up interval)."""
+        self._switch("allow_writes", (interval,), None, None, sync_fs)
 
     def drop_writes(self, *, interval: Interval = DEFAULT_INTERVAL, up_interval: Interval = 0,
-                    sync_fs: bool = False) -> None:
+                    sync_fs: bool = False, scope: Optional[Scope] = None,
+                    exclude: Optional[Scope] = None) -> None:
         """Acknowledge writes and throw them away; reads pass through."""
-        table = self._tables.get(("drop_writes", interval, up_interval)) \
-            if type(interval) is int and type(up_interval) is int else None
-        if table is None:
-            table = self._checked("drop_writes", interval, up_interval, drop_writes=True)
-        self.load_table(table, sync_fs=sync_fs)
+        self._switch("drop_writes", (interval, up_interval), scope, exclude, sync_fs)
 
     def error_writes(self, *, interval: Interval = DEFAULT_INTERVAL, up_interval: Interval = 0,
-                     sync_fs: bool = False) -> None:
+                     sync_fs: bool = False, scope: Optional[Scope] = None,
+                     exclude: Optional[Scope] = None) -> None:
         """Fail writes with EIO; reads pass through."""
-        table = self._tables.get(("error_writes", interval, up_interval)) \
-            if type(interval) is int and type(up_interval) is int else None
-        if table is None:
-            table = self._checked("error_writes", interval, up_interval, error_writes=True)
-        self.load_table(table, sync_fs=sync_fs)
+        self._switch("error_writes", (interval, up_interval), scope, exclude, sync_fs)
 
     def error_reads(self, *, interval: Interval = DEFAULT_INTERVAL, up_interval: Interval = 0,
-                    sync_fs: bool = False) -> None:
+                    sync_fs: bool = False, scope: Optional[Scope] = None,
+                    exclude: Optional[Scope] = None) -> None:
         """Fail reads with EIO; writes pass through (Linux 6.4 and later)."""
-        self._fault("error_reads", interval, up_interval, sync_fs, error_reads=True)
+        self._switch("error_reads", (interval, up_interval), scope, exclude, sync_fs)
 
     def corrupt_bio_byte(self, nth_byte: int, direction: Union[Direction, str], value: int,
                          flags: int = 0, *, interval: Interval = DEFAULT_INTERVAL,
-                         up_interval: Interval = 0, sync_fs: bool = False) -> None:
+                         up_interval: Interval = 0, sync_fs: bool = False,
+                         scope: Optional[Scope] = None, exclude: Optional[Scope] = None) -> None:
         """Replace the nth byte (1-based) of each matching bio with value.
 
         direction "r" corrupts data as it is read (the bytes on disk stay
-        intact; kernels before mid-2025 stable fixes ignored "r"); "w" stores
-        the corrupted byte.
+        intact; kernels without a 2025 fix ignore it, which is refused here);
+        "w" stores the corrupted byte.
         """
-        spec = CorruptBIOByte(nth_byte, direction, value, flags)  # type: ignore[arg-type]
-        self._fault("corrupt_bio_byte", interval, up_interval, sync_fs, corrupt_bio_byte=spec)
+        self._switch("corrupt_bio_byte", (nth_byte, direction, value, flags, interval, up_interval),
+                     scope, exclude, sync_fs)
 
     def random_read_corrupt(self, probability: float, *, interval: Interval = DEFAULT_INTERVAL,
-                            up_interval: Interval = 0, sync_fs: bool = False) -> None:
+                            up_interval: Interval = 0, sync_fs: bool = False,
+                            scope: Optional[Scope] = None, exclude: Optional[Scope] = None) -> None:
         """Corrupt one random byte of a read bio with this probability (0.0 to 1.0; Linux 6.5+)."""
-        p = _probability(probability, "random_read_corrupt", self.name)
-        if p == 0:  # the kernel would fail all I/O for a 0 here: a 0 means pass-through
-            self._fault_free("random_read_corrupt", interval, up_interval, sync_fs)
-            return
-        self._fault("random_read_corrupt", interval, up_interval, sync_fs, random_read_corrupt=p)
+        self._switch("random_read_corrupt", (probability, interval, up_interval), scope, exclude,
+                     sync_fs)
 
     def random_write_corrupt(self, probability: float, *, interval: Interval = DEFAULT_INTERVAL,
-                             up_interval: Interval = 0, sync_fs: bool = False) -> None:
+                             up_interval: Interval = 0, sync_fs: bool = False,
+                             scope: Optional[Scope] = None,
+                             exclude: Optional[Scope] = None) -> None:
         """Corrupt one random byte of a write bio with this probability (0.0 to 1.0; Linux 6.5+)."""
-        p = _probability(probability, "random_write_corrupt", self.name)
-        if p == 0:
-            self._fault_free("random_write_corrupt", interval, up_interval, sync_fs)
-            return
-        self._fault("random_write_corrupt", interval, up_interval, sync_fs, random_write_corrupt=p)
+        self._switch("random_write_corrupt", (probability, interval, up_interval), scope, exclude,
+                     sync_fs)
 
-    def _fault(self, operation: str, interval: Interval, up_interval: Interval, sync_fs: bool,
-               **feature: object) -> None:
-        self.load_table(self._checked(operation, interval, up_interval, **feature), sync_fs=sync_fs)
+    def delay(self, read_ms: int = 0, write_ms: int = 0, flush_ms: int = 0, *,
+              sync_fs: bool = False, scope: Optional[Scope] = None,
+              exclude: Optional[Scope] = None) -> None:
+        """Hold reads, writes and flushes back by these many milliseconds (the ``delay`` target).
 
-    def _checked(self, operation: str, interval: Interval, up_interval: Interval,
-                 **feature: object) -> FlakeyTable:
-        """The table of a fault switch, its arguments checked.
-
-        With plain ints for the intervals it is also kept under (operation, interval,
-        up_interval), where the commonest switches look it up before anything else: in
-        the emulated test guest every line run between two switches shows.
+        Undone by ``allow_writes()`` like any fault.  A flush delay different
+        from the write delay needs the kernel's separate flush class.
         """
-        down = _seconds(interval, "interval", operation, self.name)
-        up = _seconds(up_interval, "up_interval", operation, self.name)
-        table = self._table(up, down, **feature)
-        if type(interval) is int and type(up_interval) is int:
-            self._tables[(operation, interval, up_interval)] = table
-        return table
+        self._switch("delay", (read_ms, write_ms, flush_ms), scope, exclude, sync_fs)
 
-    def _fault_free(self, operation: str, interval: Interval, up_interval: Interval,
-                    sync_fs: bool) -> None:
-        _seconds(interval, "interval", operation, self.name)
-        up = _seconds(up_interval, "up_interval", operation, self.name)
-        self.load_table(self._table(max(up, 1), 0), sync_fs=sync_fs)
+    def load_table(self, table: Union[FlakeyTable, DeviceTable], *, sync_fs: bool = False) -> None:
+        """Swap in a table of your own: one flakey target over the device, or a DeviceTable."""
+        self._switch("load_table", (table,), None, None, sync_fs)
 
-    def _table(self, up: int, down: int, **feature: object) -> FlakeyTable:
-        """FlakeyTable(backing, up, down, **feature), built (and checked) once per device.
+    @contextmanager
+    def faulted(self, fault: str, *args: object, **kwargs: object) -> Iterator["Flakey"]:
+        """A fault for the duration of a ``with`` block; pass-through again on exit, also on error.
 
-        Checking a table costs more than the rest of a switch; the arguments here are
-        already plain ints, bools and CorruptBIOByte values, so equal keys mean equal tables.
+        ``with dev.faulted("error_reads", scope=path):`` calls ``dev.error_reads(scope=path)``
+        and ``dev.allow_writes()`` at the end.
         """
-        key = (up, down, *feature.items())
-        table = self._tables.get(key)
-        if table is None:
-            table = FlakeyTable(self.backing, up, down, **feature)  # type: ignore[arg-type]
-            # only once the arguments are known good: probing a feature takes ioctls of its own;
-            # and before caching, so that a missing feature is reported on every call
-            for name in feature:  # features older than any kernel met are not probed: no cost
-                features.require(name, self.name)
-            if len(self._tables) >= 32:
-                self._tables.clear()
-            self._tables[key] = table
-        return table
-
-    def load_table(self, table: FlakeyTable, *, sync_fs: bool = False) -> None:
-        """Swap in table: load it, then resume, which suspends (freezing the filesystem
-        only with sync_fs), swaps and resumes in one ioctl.
-
-        A load the kernel refuses changes nothing: the device was never suspended.
-        When the swap fails, the loaded table is dropped and the device resumed with
-        its old table; the error is raised afterwards.
-        """
-        # by identity: the switches pass the same cached table objects every time
-        entry = self._swaps.get(id(table))
-        if entry is None or entry[0] is not table:
-            entry = self._prepare_swaps(table)
-        entry[2 if sync_fs else 1]()
-
-    def _prepare_swaps(self, table: FlakeyTable) -> tuple:
-        """(table, swap, swap with lockfs): functions that load table and resume."""
-        load = self._loads.get(table)
-        if load is None:
-            payload, count = dm.pack_targets([(0, self.sectors, "flakey", table.params())],
-                                             "load table", self.name)
-            load = self._control.prepare(dm.Command.TABLE_LOAD, "load table", self.name,
-                                         payload=payload, target_count=count)
-        if len(self._swaps) >= 32 or len(self._loads) >= 32:
-            self._loads.clear()
-            self._swaps.clear()
-        self._loads[table] = load
-        entry = (table, load.chain(self._resume, self._undo_swap),  # the entry keeps the id taken
-                 load.chain(self._resume_lockfs, self._undo_swap))
-        self._swaps[id(table)] = entry
-        return entry
-
-    def _undo_swap(self) -> None:
-        """After a failed swap: drop the loaded table, make sure the old one runs."""
+        switch = getattr(self, fault, None) if fault in _FAULTS else None
+        if switch is None:
+            raise InvalidArgumentError("faulted", self.name, f"unknown fault {fault!r} (known: "
+                                       f"{', '.join(sorted(_FAULTS))})")
+        switch(*args, **kwargs)
         try:
-            self._control.clear(self.name)
-        except DMFlakeyError:
-            pass  # nothing left to drop
-        self._resume_anyway()
+            yield self
+        finally:
+            self.allow_writes()
 
-    def _resume_anyway(self) -> None:
-        """Resume whatever table is live, with one retry: the device must not stay suspended."""
+    def _switch(self, operation: str, args: tuple, scope: Optional[Scope],
+                exclude: Optional[Scope], sync_fs: bool) -> None:
+        """The one switch path: the arguments are the key of a prepared swap, built once."""
+        key = (operation, args, self._ranges(operation, scope, exclude), sync_fs)
         try:
-            self._resume.send()
-        except DMFlakeyError:
-            time.sleep(0.05)
-            self._resume.send()
+            swap = self._swaps[key]
+        except (KeyError, TypeError):   # new, or unhashable (refused while preparing)
+            swap = self._prepare(key)
+        try:
+            swap.run()
+        except DeviceNotFoundError:
+            raise self._gone(operation) from None
 
-    def table(self) -> FlakeyTable:
-        """The live table, read back from the kernel."""
-        targets = self._control.table(self.name)
-        if len(targets) != 1 or targets[0].target_type != "flakey":
-            raise DMFlakeyError("table", self.name, f"not a single flakey target: {targets!r}")
-        return FlakeyTable.parse(targets[0].params)
+    def _prepare(self, key: tuple) -> dm.TableSwap:
+        """Check a switch's arguments, build its table, probe the features it needs, pack it."""
+        operation, args, ranges, sync_fs = key
+        if not isinstance(sync_fs, bool):
+            raise InvalidArgumentError(operation, self.name, f"sync_fs must be a bool, got "
+                                       f"{sync_fs!r}")
+        table = self._device_table(operation, args, ranges)
+        for feature in features.needed(table.fault):
+            features.require(feature, self.name)
+        swap = self._control.prepare_swap(dm.ByUuid(self.uuid), table.targets(), lockfs=sync_fs,
+                                          dev=self.dev)
+        try:
+            if len(self._swaps) >= _SWAP_CACHE:
+                self._swaps.clear()
+            self._swaps[key] = swap
+        except TypeError:
+            pass  # an unhashable argument that still made a valid table (e.g. a list interval)
+        return swap
+
+    def _device_table(self, operation: str, args: tuple,
+                      ranges: Optional[Tuple[Range, ...]]) -> DeviceTable:
+        if operation == "load_table":
+            table = args[0]
+            if isinstance(table, DeviceTable):
+                return table
+            if not isinstance(table, FlakeyTable):
+                raise InvalidArgumentError(operation, self.name, f"expected a FlakeyTable or a "
+                                           f"DeviceTable, got {table!r}")
+            return DeviceTable.whole(self.sectors, table)
+        fault = self._fault_table(operation, args)
+        if ranges is None:
+            return DeviceTable.whole(self.sectors, fault)
+        return DeviceTable.scoped(self.sectors, ranges, fault,
+                                  lambda offset: LinearTable(self.backing, offset))
+
+    def _fault_table(self, operation: str, args: tuple) -> TargetTable:
+        """The table of one fault switch, its arguments checked (InvalidArgumentError)."""
+        name = self.name
+        if operation == "delay":
+            read, write, flush = (_milliseconds(v, f"{what}_ms", operation, name)
+                                  for v, what in zip(args, ("read", "write", "flush")))
+            return DelayTable(self.backing, 0, read, write, flush)
+        if operation == "allow_writes":
+            return FlakeyTable(self.backing, _seconds(args[0], "interval", operation, name), 0)
+        *values, interval, up_interval = args
+        down = _seconds(interval, "interval", operation, name)
+        up = _seconds(up_interval, "up_interval", operation, name)
+        if operation == "corrupt_bio_byte":
+            spec = CorruptBIOByte(*values)  # type: ignore[arg-type]
+            return FlakeyTable(self.backing, up, down, corrupt_bio_byte=spec)
+        if operation in ("random_read_corrupt", "random_write_corrupt"):
+            p = _probability(values[0], operation, name)  # type: ignore[arg-type]
+            if p == 0:  # the kernel would fail all I/O for a 0 here: a 0 means pass-through
+                return FlakeyTable(self.backing, max(up, 1), 0)
+            return FlakeyTable(self.backing, up, down, **{operation: p})
+        return FlakeyTable(self.backing, up, down, **{operation: True})
+
+    def _ranges(self, operation: str, scope: Optional[Scope],
+                exclude: Optional[Scope]) -> Optional[Tuple[Range, ...]]:
+        """The sectors a scoped fault covers (merged), or None for the whole device."""
+        if scope is None and exclude is None:
+            return None
+        if operation == "allow_writes":
+            raise InvalidArgumentError(operation, self.name, "allow_writes covers the whole device: "
+                                       "it takes no scope")
+        try:
+            covered = self._resolve(scope) if scope is not None else ((0, self.sectors),)
+            if exclude is not None:
+                covered = subtract_ranges(covered, self._resolve(exclude))
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(operation, self.name, exc.cause, exc.errno or 0) from None
+        if not covered:
+            raise InvalidArgumentError(operation, self.name, "the scope holds no sectors (every "
+                                       "one of them is excluded, or the files have no data blocks)")
+        return covered
+
+    def _resolve(self, scope: Scope) -> Tuple[Range, ...]:
+        """Files and ranges as merged sector ranges on this device."""
+        items = [scope] if isinstance(scope, (str, os.PathLike)) else scope
+        ranges: List[object] = []
+        for item in items:
+            if isinstance(item, (str, os.PathLike)):
+                ranges.extend(self._file_ranges(os.fspath(item)))
+            else:
+                ranges.append(item)
+        return merge_ranges(ranges, self.sectors)
+
+    def _file_ranges(self, path: str) -> List[Range]:
+        from .kernel import fiemap
+        holder = fiemap.file_device(path)
+        if holder != self.dev:
+            raise InvalidArgumentError("scope", path, f"the file is on device "
+                                       f"{os.major(holder)}:{os.minor(holder)}, not on {self.name} "
+                                       f"({os.major(self.dev)}:{os.minor(self.dev)})")
+        return fiemap.file_extents(path)
+
+    def _gone(self, operation: str) -> DeviceNotFoundError:
+        """The error for a switch whose device no longer exists under our uuid."""
+        try:
+            other = dm.info(self.name).uuid
+        except DeviceNotFoundError:
+            return DeviceNotFoundError(operation, self.name, f"the device is gone (no device has "
+                                       f"uuid {self.uuid})")
+        return DeviceNotFoundError(operation, self.name, f"the device was replaced: {self.name} now "
+                                   f"has uuid {other or '(none)'}, not {self.uuid}; left alone")
+
+    def table(self) -> DeviceTable:
+        """The live table, read back from the kernel: one segment, or a scoped fault's segments."""
+        try:
+            targets = self._control.table(dm.ByUuid(self.uuid))
+        except DeviceNotFoundError:
+            raise self._gone("table") from None
+        return DeviceTable.parse(targets)
 
     # -- filesystem helpers -----------------------------------------------------------------
+
+    def mount_points(self) -> List[str]:
+        """Where the device is mounted now (in this mount namespace), innermost last."""
+        return mountinfo.mount_points_of(self.dev)
 
     def mount(self, target: str, options: str = "") -> None:
         """Mount this device's filesystem on target."""
@@ -354,61 +376,22 @@ class Flakey:
         Mounts of the device that are still there are unmounted first.  A busy
         device (open elsewhere) raises DeviceBusyError after bounded retries
         and nothing is lost: call teardown again once the holder has closed it.
+        A device that was replaced by another of the same name is left alone
+        (DeviceNotFoundError).  The image is deleted only while it is still
+        the file this library made.
         """
         if self._torn_down:
             return
-        _remove(self.name, self.owner, self.loop_device, self.image_path)
+        cleanup.teardown(self.name, self.uuid, [self.image] if self.image else [],
+                         delete_images=self.owner.kind.owns_images)
         self._torn_down = True
 
 
-def _mounts_of(name: str) -> List[str]:
-    """Mount points of the dm device name, innermost last."""
-    try:
-        info = dm.info(name)
-    except DeviceNotFoundError:
-        return []
-    key, rdev = f"{info.major}:{info.minor}", os.makedev(info.major, info.minor)
-    points = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split()
-            # btrfs shows an anonymous device number in field 3: then the mount source tells
-            source = fields[fields.index("-", 6) + 2] if "-" in fields[6:] else ""
-            if fields[2] == key or _is_node_of(source.encode().decode("unicode_escape"), rdev):
-                points.append(fields[4].encode().decode("unicode_escape"))
-    return points
+_FAULTS = ("drop_writes", "error_writes", "error_reads", "corrupt_bio_byte", "random_read_corrupt",
+           "random_write_corrupt", "delay")
 
 
-def _is_node_of(path: str, rdev: int) -> bool:
-    """True when path is an absolute path to the block device rdev."""
-    if not path.startswith("/"):
-        return False
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
-
-
-def _remove(name: str, owner: Owner, loop_device: Optional[str], image_path: Optional[str]) -> None:
-    """Unmount, remove the dm device and its node, detach the loop, delete an owned image."""
-    for point in reversed(_mounts_of(name)):
-        fs.umount(point)
-    try:
-        dm.remove(name)
-    except DeviceNotFoundError:
-        pass  # already gone (removed by hand or by another cleanup): the rest still applies
-    if owner.kind == KIND_IMAGE:
-        if loop_device:
-            loop.detach(loop_device, _backing=image_path)
-        if image_path:
-            try:
-                os.unlink(image_path)
-            except FileNotFoundError:
-                pass
-
-
-def _block_size(path: str, operation: str, name: str) -> tuple[str, int]:
+def _block_device(path: str, operation: str, name: str) -> Tuple[str, int]:
     """("major:minor", sectors) of the block device at path."""
     try:
         st = os.stat(path)
@@ -419,13 +402,20 @@ def _block_size(path: str, operation: str, name: str) -> tuple[str, int]:
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", loop.device_size(path) // 512
 
 
-def _create_device(name: str, backing: str, sectors: int, owner: Owner, undo: ExitStack,
-                   interval: int = DEFAULT_INTERVAL) -> None:
-    dm.create(name, uuid=owner.uuid())
-    undo.callback(dm.remove, name)
-    table = FlakeyTable(backing, interval, 0)
-    dm.load(name, [(0, sectors, "flakey", table.params())])
-    dm.resume(name)
+def _create_device(name: str, uuid: str, backing: str, sectors: int, undo: ExitStack) -> int:
+    """The dm device with a pass-through flakey table; returns its number."""
+    info = dm.create(name, uuid=uuid)
+    undo.callback(dm.remove, dm.ByUuid(uuid))
+    dm.load(dm.ByUuid(uuid), DeviceTable.whole(sectors, FlakeyTable(backing, DEFAULT_INTERVAL, 0))
+            .targets())
+    dm.resume(dm.ByUuid(uuid))
+    return info.dev
+
+
+def _check_new_name(name: str, operation: str) -> None:
+    dm.check_name(name, operation)
+    if name in {d.name for d in dm.list_devices()}:
+        raise DeviceExistsError(operation, name, "a dm device with this name already exists")
 
 
 def init_flakey(name: str, data_dir: str, fs_type: Optional[Union[FSType, str]] = FSType.EXT4,
@@ -441,6 +431,17 @@ def init_flakey(name: str, data_dir: str, fs_type: Optional[Union[FSType, str]] 
                              size, persistent=persistent)
 
 
+def check_image_size(size: object, fs_kind: Optional[FSType], operation: str, name: str) -> int:
+    """size as a positive multiple of 512 big enough for the filesystem, or InvalidArgumentError."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
+        raise InvalidArgumentError(operation, name, f"size must be a positive multiple of 512 "
+                                   f"bytes, got {size!r}")
+    if fs_kind is not None and size < fs.MIN_SIZE[fs_kind]:
+        raise InvalidArgumentError(operation, name, f"{fs_kind.value} needs at least "
+                                   f"{fs.MIN_SIZE[fs_kind]} bytes, got {size}")
+    return size
+
+
 def init_flakey_image(name: str, image_path: str,
                       fs_type: Optional[Union[FSType, str]] = FSType.EXT4,
                       mkfs_options: Union[Sequence[str], str, None] = None,
@@ -450,119 +451,68 @@ def init_flakey_image(name: str, image_path: str,
     The image must not exist yet: it is created, never overwritten, and
     teardown deletes it like any image the library made.
     """
-    dm.check_name(name, "init_flakey")
-    fs_kind = None if fs_type is None else fs._fs_type(fs_type, "init_flakey", name)
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
-        raise InvalidArgumentError("init_flakey", name, f"size must be a positive multiple of 512 "
-                                   f"bytes, got {size!r}")
-    if fs_kind is not None and size < fs.MIN_SIZE[fs_kind]:
-        raise InvalidArgumentError("init_flakey", name, f"{fs_kind.value} needs at least "
-                                   f"{fs.MIN_SIZE[fs_kind]} bytes, got {size}")
-    if name in {d.name for d in dm.list_devices()}:
-        raise DeviceExistsError("init_flakey", name, "a dm device with this name already exists",
-                                errno.EEXIST)
-    image = os.path.realpath(image_path)
-    owner = Owner.current(KIND_IMAGE, persistent)
+    operation = "init_flakey"
+    dm.check_name(name, operation)
+    fs_kind = None if fs_type is None else fs.check_fs_type(fs_type, operation, name)
+    check_image_size(size, fs_kind, operation, name)
+    _check_new_name(name, operation)
+    image_path = os.path.realpath(image_path)
+    owner = Owner.current(Kind.FLAKEY_IMAGE, persistent)
+    uuid = owner.uuid()
     with ExitStack() as undo:
-        try:
-            fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise DeviceExistsError("init_flakey", name, f"{image} already exists; not overwriting "
-                                    "it", errno.EEXIST) from None
-        except OSError as exc:
-            raise DMFlakeyError("init_flakey", name, f"cannot create {image}", exc.errno) from None
-        undo.callback(os.unlink, image)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+        identity = create_image(image_path, size, operation, name)
+        undo.callback(delete_image, image_path, identity)
         if fs_kind is not None:
-            fs.mkfs(image, fs_kind, mkfs_options)
-        dev = loop.attach(image)
-        undo.callback(dev.detach)
-        _create_device(name, dev.major_minor, dev.size // 512, owner, undo)
+            fs.mkfs(image_path, fs_kind, mkfs_options)
+        lo, image = attach_image(image_path, identity, operation, name)
+        with lo:  # autoclear: the loop device stays bound once the dm table holds it
+            dev = _create_device(name, uuid, image.major_minor, lo.size // 512, undo)
+            lo.close()
         undo.pop_all()
-    return Flakey(name, dev.major_minor, dev.size // 512, owner=owner, loop_device=dev.path,
-                  image_path=image, filesystem=fs_kind)
+    return Flakey(name, uuid, dev, image.major_minor, lo.size // 512, owner=owner, image=image,
+                  filesystem=fs_kind)
 
 
 def attach_flakey(name: str, device: str, *, persistent: bool = False) -> Flakey:
     """Map an existing block device as a flakey device; teardown leaves the device itself alone."""
-    dm.check_name(name, "attach_flakey")
-    backing, sectors = _block_size(device, "attach_flakey", name)
-    owner = Owner.current(KIND_DEVICE, persistent)
+    operation = "attach_flakey"
+    _check_new_name(name, operation)
+    backing, sectors = _block_device(device, operation, name)
+    owner = Owner.current(Kind.FLAKEY_DEVICE, persistent)
+    uuid = owner.uuid()
     with ExitStack() as undo:
-        _create_device(name, backing, sectors, owner, undo)
+        dev = _create_device(name, uuid, backing, sectors, undo)
         detected = fs.detect_fs(device)
         undo.pop_all()
-    return Flakey(name, backing, sectors, owner=owner, filesystem=detected)
+    return Flakey(name, uuid, dev, backing, sectors, owner=owner, filesystem=detected)
 
 
 def open_flakey(name: str) -> Flakey:
     """A Flakey for a device this library made earlier, read back from the kernel alone."""
     info = dm.info(name)
     owner = Owner.from_uuid(info.uuid)
-    if owner is None:
-        raise InvalidNameError("open_flakey", name, f"not a device made by dmflakey-ioctl (uuid "
-                               f"{info.uuid!r})")
-    targets = dm.table(name)
-    if len(targets) != 1 or targets[0].target_type != "flakey":
-        raise DMFlakeyError("open_flakey", name, f"not a single flakey target: {targets!r}")
-    backing = FlakeyTable.parse(targets[0].params).device
-    loop_path = image = None
-    if owner.kind == KIND_IMAGE:
-        number = int(backing.split(":")[1])
-        loop_path = f"/dev/loop{number}"
-        image = loop._backing_file(number)
+    if owner is None or owner.kind not in FLAKEY_KINDS:
+        raise InvalidNameError("open_flakey", name, f"not a flakey device made by dmflakey-ioctl "
+                               f"(uuid {info.uuid!r})")
+    try:
+        table = DeviceTable.parse(dm.table(dm.ByUuid(info.uuid)))
+    except InvalidArgumentError as exc:
+        raise DMFlakeyError("open_flakey", name, f"its table is not one this library makes: "
+                            f"{exc.cause}") from None
+    image = None
+    if owner.kind is Kind.FLAKEY_IMAGE:
+        major, minor = (int(n) for n in table.device.split(":"))
+        image = backing_of(os.makedev(major, minor))
     filesystem = None
     if not info.suspended:  # a read of a suspended device would block until someone resumes it
         try:
-            filesystem = fs.detect_fs(f"{dm.MAPPER_DIR}/{name}")
+            filesystem = fs.detect_fs(info.path)
         except DMFlakeyError:
             pass  # a device failing reads right now: its type is unknown, not an error
-    return Flakey(name, backing, targets[0].length, owner=owner, loop_device=loop_path,
-                  image_path=image, filesystem=filesystem)
+    return Flakey(name, info.uuid, info.dev, table.device, table.sectors, owner=owner, image=image,
+                  filesystem=filesystem)
 
 
-def list_flakey() -> List[dm.ListedDevice]:
-    """The dm devices this library made (by uuid prefix)."""
-    out = []
-    for dev in dm.list_devices():
-        uuid = dev.uuid if dev.uuid is not None else dm.info(dev.name).uuid
-        if uuid.startswith(UUID_PREFIX) and Owner.from_uuid(uuid) is not None:
-            out.append(dm.ListedDevice(dev.name, dev.major, dev.minor, uuid))
-    return out
-
-
-def cleanup_stale(*, include_persistent: bool = False,
-                  on_error: Optional[Callable[[DMFlakeyError], None]] = None) -> List[str]:
-    """Remove what crashed runs left: devices of ours whose owning process is gone.
-
-    With include_persistent, CLI-made devices go too.  Devices that other
-    tools made are never touched.  Returns the names removed; a device that
-    cannot be removed raises, unless on_error is given, which is then called.
-    """
-    removed = []
-    for dev in list_flakey():
-        owner = Owner.from_uuid(dev.uuid)
-        assert owner is not None
-        if owner.alive() and not (include_persistent and owner.pid == 0):
-            continue
-        try:
-            try:
-                victim = open_flakey(dev.name)
-            except DeviceNotFoundError:
-                continue
-            except DMFlakeyError:  # crashed before its table was loaded: only the device exists
-                _remove(dev.name, Owner(owner.pid, owner.start_time, KIND_DEVICE), None, None)
-            else:
-                victim.teardown()
-        except DeviceNotFoundError:
-            continue
-        except DMFlakeyError as exc:
-            if on_error is None:
-                raise
-            on_error(exc)
-            continue
-        removed.append(dev.name)
-    return removed
+def list_flakey() -> List[OwnedDevice]:
+    """The flakey devices this library made (by uuid)."""
+    return cleanup.list_owned(FLAKEY_KINDS)

@@ -24,7 +24,7 @@ from .errors import DeviceBusyError, DMFlakeyError, InvalidArgumentError, NotRoo
 if TYPE_CHECKING:
     import ctypes
 
-__all__ = ["FSType", "MIN_SIZE", "mkfs", "detect_fs", "mount", "umount", "syncfs",
+__all__ = ["FSType", "MIN_SIZE", "check_fs_type", "mkfs", "detect_fs", "mount", "umount", "syncfs",
            "parse_mount_options"]
 
 MiB = 1 << 20
@@ -115,7 +115,7 @@ def _errno() -> int:
     return ctypes.get_errno()
 
 
-def _fs_type(value: Union[FSType, str], operation: str, device: str) -> FSType:
+def check_fs_type(value: Union[FSType, str], operation: str, device: str) -> FSType:
     try:
         return FSType(value)
     except ValueError:
@@ -133,7 +133,7 @@ def mkfs(device: str, fs_type: Union[FSType, str],
     import shlex
     import shutil
     import subprocess
-    fs = _fs_type(fs_type, "mkfs", device)
+    fs = check_fs_type(fs_type, "mkfs", device)
     extra = shlex.split(options) if isinstance(options, str) else list(options or [])
     name = f"mkfs.{fs.value}"
     search = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN_DIRS])
@@ -191,7 +191,7 @@ def mount(device: str, target: str, fs_type: Union[FSType, str, None] = None, op
     """
     flags, data = parse_mount_options(options)
     if fs_type is not None:
-        fs: Optional[FSType] = _fs_type(fs_type, "mount", device)
+        fs: Optional[FSType] = check_fs_type(fs_type, "mount", device)
     elif flags & (MS_BIND | MS_REMOUNT):
         fs = None  # the kernel ignores the type of a bind mount or a remount
     else:

@@ -6,7 +6,8 @@ on a kernel without device-mapper.  Where root or dm-flakey is missing, tests
 using the fixtures are skipped with the reason; inside the test guest
 (DMFLAKEY_IN_GUEST=1) or with DMFLAKEY_REQUIRE_KERNEL=1 nothing is skipped, so
 a broken set-up fails loudly.  At session start, devices left by crashed
-runs (their owning process is gone) are removed.
+runs of this pid namespace (their owning process is gone) are removed; the
+ini option ``dmflakey_cleanup_stale = false`` turns that off.
 """
 
 from __future__ import annotations
@@ -52,9 +53,19 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini("dmflakey_cleanup_stale", type="bool", default=True,
+                  help="dmflakey: remove the devices of crashed runs (of this pid namespace) at "
+                  "session start (default true)")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Remove devices of crashed runs, where this machine has device-mapper and we are root."""
-    if os.geteuid() != 0:
+    """Remove devices of crashed runs, where this machine has device-mapper and we are root.
+
+    Only devices made in this pid namespace whose creating process is gone
+    (see cleanup_stale): another container's devices are never touched.
+    """
+    if os.geteuid() != 0 or not session.config.getini("dmflakey_cleanup_stale"):
         return
     from .errors import DMFlakeyError
     from .flakey import check_device_mapper, cleanup_stale

@@ -24,15 +24,16 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
-from . import nodes
+from . import kmsg, nodes
 from ..errors import (DeviceBusyError, DeviceExistsError, DeviceNotFoundError, DMFlakeyError,
                      InvalidArgumentError, InvalidNameError, InvalidTableError, KernelSupportError,
-                     NotRootError, TableRejectedError)
+                     NotRootError, PermissionDeniedError, TableRejectedError)
 
 __all__ = [
-    "Command", "Flag", "Target", "DeviceInfo", "ListedDevice", "Control", "PreparedCall",
+    "Command", "Flag", "Target", "DeviceInfo", "ListedDevice", "ByUuid", "DeviceRef", "Control",
+    "PreparedCall", "TableSwap",
     "check_name", "check_uuid", "check_device_mapper", "pack_request", "control",
     "version", "create", "load", "suspend", "resume", "remove", "clear", "info", "table", "status",
     "list_devices", "target_versions", "target_version", "message",
@@ -117,8 +118,7 @@ UDEV_DISABLE_DISK_RULES = 0x04 << 16
 UDEV_DISABLE_OTHER_RULES = 0x08 << 16
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """One line of a table, or of a status: sectors ``start`` .. ``start+length``."""
 
     start: int
@@ -226,7 +226,7 @@ def pack_targets(targets: Iterable[TargetLike], operation: str, device: str) -> 
         raise InvalidTableError(operation, device, f"targets must be an iterable, got {targets!r}") from None
     for item in items:
         try:
-            target = item if isinstance(item, Target) else Target(*item)  # type: ignore[arg-type]
+            target = Target(*item)  # type: ignore[arg-type]
         except TypeError:
             raise InvalidTableError(operation, device, f"a target is a Target or a (start, length, "
                                     f"type, params) sequence, got {item!r}") from None
@@ -286,44 +286,43 @@ class Reply:
         return bytes(self.buffer[self.data_start:self.data_size])
 
 
-_kmsg: Optional[tuple[int, int]] = None   # (pid, fd): /dev/kmsg, kept open by _kernel_messages
-_kmsg_lock = threading.Lock()
+@dataclass(frozen=True)
+class ByUuid:
+    """Address a device by its uuid rather than its name.
 
-
-def _kernel_messages(since: float) -> str:
-    """device-mapper lines from /dev/kmsg logged after ``since`` (time.monotonic()).
-
-    The file stays open, so each call reads only what was logged after the previous
-    one: the lines of an earlier failure are not reported again.  The clocks of the
-    log and of time.monotonic() differ slightly, hence a second of slack.
+    A device that was removed and made again under the same name has another
+    uuid, so a request addressed this way can never reach the newcomer.
     """
-    global _kmsg
-    with _kmsg_lock:
-        if _kmsg is None or _kmsg[0] != os.getpid():
-            try:
-                _kmsg = (os.getpid(), os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-            except OSError:
-                return ""
-        fd = _kmsg[1]
-        lines = []
-        while True:
-            try:
-                record = os.read(fd, 8192)
-            except BlockingIOError:
-                break
-            except BrokenPipeError:  # records overwritten while reading
-                continue
-            except OSError:
-                break
-            if not record:
-                break
-            head, _, text = record.decode("utf-8", "replace").partition(";")
-            parts = head.split(",")
-            if len(parts) >= 3 and parts[2].isdigit() and int(parts[2]) / 1e6 >= since - 1.0:
-                text = text.split("\n", 1)[0]
-                if "device-mapper" in text:
-                    lines.append(text)
-    return "; ".join(lines[-4:])
+
+    uuid: str
+
+
+DeviceRef = Union[str, ByUuid]
+"""A device's name, or ``ByUuid(uuid)``."""
+_GLOBAL: Any = object()          # the "device" of commands about no device
+NO_DEVICE = (b"", b"", None)
+
+
+def _address(device: DeviceRef, operation: str) -> tuple[bytes, bytes, str]:
+    """(name, uuid, label) for a request: exactly one of name and uuid is set.
+
+    The label names the device in errors: its name, or ``uuid <uuid>``.
+    """
+    if isinstance(device, ByUuid):
+        return b"", _check_text(device.uuid, "uuid", UUID_MAX, operation), f"uuid {device.uuid}"
+    return check_name(device, operation), b"", device
+
+
+def _has_cap_sys_admin() -> bool:
+    """Whether this process holds CAP_SYS_ADMIN (bit 21 of CapEff); root where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
 
 
 # errnos of a table load that mean the kernel refused the table, and what each says
@@ -337,22 +336,34 @@ _TABLE_ERRORS = {
 
 
 def _error(command: Command, operation: str, device: Optional[str], err: int,
-           since: float = 0.0) -> DMFlakeyError:
-    """Turn a failed ioctl into the library's exception for that case."""
+           log: Callable[[], list[str]]) -> DMFlakeyError:
+    """Turn a failed ioctl into the library's exception for that case.
+
+    log() returns the kernel log lines about this device (read only when the
+    case needs them: reading the log costs time).
+    """
     if err in (errno.EACCES, errno.EPERM):
-        return NotRootError(operation, device, "device-mapper needs root (CAP_SYS_ADMIN in the "
-                            "initial user namespace)", err)
+        if not _has_cap_sys_admin():
+            return NotRootError(operation, device, "device-mapper needs root (CAP_SYS_ADMIN in the "
+                                "initial user namespace)", err)
+        if command == Command.TABLE_LOAD:
+            return PermissionDeniedError(operation, device, "a device in the table cannot be opened "
+                                         "for writing (a read-only loop or backing device) or a "
+                                         "device cgroup denies it", err)
+        return PermissionDeniedError(operation, device, "permission denied although this process "
+                                     "has CAP_SYS_ADMIN: a device cgroup, a user namespace or a "
+                                     "security module refused it", err)
     if command == Command.TABLE_LOAD and err in _TABLE_ERRORS:
-        log = _kernel_messages(since)
+        lines = log()
+        text = "; ".join(lines)
         # ENXIO with no word from the table code: the dm device itself is missing
-        if err != errno.ENXIO or "error adding target" in log:
-            if "unknown target type" in log:
-                kind = log.split("unknown target type")[0].rstrip(": ").rsplit(" ", 1)[-1]
+        if err != errno.ENXIO or lines:
+            if "unknown target type" in text:
+                kind = text.split("unknown target type")[0].rstrip(": ").rsplit(" ", 1)[-1]
                 return KernelSupportError(operation, device, f"the kernel has no {kind} target: load "
-                                          f"it with `modprobe dm-{kind}` (kernel said: {log})", err)
-            cause = _TABLE_ERRORS[err]
-            return TableRejectedError(operation, device, f"{cause} ({log or 'no kernel log'})", err,
-                                      kernel_log=log)
+                                          f"it with `modprobe dm-{kind}` (kernel said: {text})", err)
+            return TableRejectedError(operation, device, f"{_TABLE_ERRORS[err]} "
+                                      f"({text or 'no kernel log'})", err, kernel_log=text)
     if err == errno.ENXIO:
         return DeviceNotFoundError(operation, device, "no such device-mapper device", err)
     if err == errno.EBUSY:
@@ -367,10 +378,10 @@ def _error(command: Command, operation: str, device: Optional[str], err: int,
     if command == Command.DEV_SUSPEND and operation == "resume" and err == errno.EINVAL:
         # a table the load accepted can still be refused when it is swapped in (a target that
         # ends past its device's last sector): the reason is only in the kernel log
-        log = _kernel_messages(since)
-        if log:
+        text = "; ".join(log())
+        if text:
             return TableRejectedError(operation, device, f"the kernel refused the new table at "
-                                      f"resume ({log})", err, kernel_log=log)
+                                      f"resume ({text})", err, kernel_log=text)
     return DMFlakeyError(operation, device, f"DM_{command.name} failed", err)
 
 
@@ -413,83 +424,81 @@ def check_device_mapper() -> None:
 
 
 class PreparedCall:
-    """One ioctl packed in advance: each run copies the pristine template and sends it.
+    """One request packed in advance: each send() copies the pristine template and sends it.
 
-    Used where the same request repeats (a flakey device's suspend, load and
-    resume), so that a fault switch costs little more than the ioctls themselves.
+    For requests that repeat unchanged (a device's table loads and resumes), so
+    that a fault switch costs little more than its ioctls.
     """
 
-    __slots__ = ("_control", "command", "_template", "operation", "device", "_request")
+    __slots__ = ("_control", "command", "_template", "operation", "device", "dev")
 
     def __init__(self, control: "Control", command: Command, template: bytearray, operation: str,
-                 device: Optional[str]) -> None:
+                 device: str, dev: Optional[int] = None) -> None:
         self._control = control
         self.command = command
         self._template = bytes(template)
         self.operation = operation
         self.device = device
-        self._request = command.request  # an enum property is slow to read on every call
+        self.dev = dev
 
-    def send(self) -> None:
-        """Send a fresh copy of the template; the answer is not decoded (the switch's fast path)."""
-        control = self._control
-        fd = control._fd
-        if fd is None or control._pid != _pid:
-            fd = control.fileno()  # outside the try: its own errors (no dm, not root) stand
+    def send(self) -> bytearray:
+        """Send a fresh copy of the template; returns the kernel's answer (not decoded)."""
+        return self._control.send(self.command, bytearray(self._template), self.operation,
+                                  self.device, dev=self.dev)
+
+
+class TableSwap:
+    """A table change prepared once and run as often as wanted: load, then resume.
+
+    A resume that finds a loaded table suspends the device itself (freezing its
+    filesystem unless told not to), swaps the tables and resumes: one ioctl
+    fewer than suspend + load + resume, and a load the kernel refuses changes
+    nothing, since the device was never suspended.  When the swap itself fails,
+    the loaded table is dropped and the device resumed with its old one before
+    the error is raised: a device is never left suspended.
+    """
+
+    __slots__ = ("_control", "_load", "_resume")
+
+    def __init__(self, control: "Control", device: DeviceRef, targets: Iterable[TargetLike], *,
+                 lockfs: bool = False, dev: Optional[int] = None) -> None:
+        name, uuid, label = _address(device, "load table")
+        payload, count = pack_targets(targets, "load table", label)
+        self._control = control
+        self._load = PreparedCall(control, Command.TABLE_LOAD, pack_request(
+            name=name, uuid=uuid, payload=payload, target_count=count), "load table", label, dev)
+        self._resume = PreparedCall(control, Command.DEV_SUSPEND, pack_request(
+            name=name, uuid=uuid, flags=0 if lockfs else Flag.SKIP_LOCKFS,
+            event_nr=control.udev_cookie()), "resume", label, dev)
+
+    def run(self) -> None:
+        self._load.send()
         try:
-            result = fcntl.ioctl(fd, self._request, bytearray(self._template))
-        except OSError as exc:
-            raise _error(self.command, self.operation, self.device, exc.errno or 0,
-                         time.monotonic()) from None
-        if result:
-            raise self._answered(result)
+            self._resume.send()
+        except BaseException:
+            self._undo()
+            raise
 
-    def _failed(self, err: int) -> DMFlakeyError:
-        return _error(self.command, self.operation, self.device, err, time.monotonic())
-
-    def _answered(self, result: int) -> DMFlakeyError:
-        return DMFlakeyError(self.operation, self.device, f"DM_{self.command.name} answered "
-                             f"{result} (does the device have a live table?)")
-
-    def chain(self, then: "PreparedCall", undo: Callable[[], None]) -> Callable[[], None]:
-        """A function that sends this request, then ``then``, with next to nothing in between.
-
-        When ``then`` fails, undo() runs before its error is raised.  A fault switch
-        (load, then resume) is one call of such a function: in the emulated test guest
-        every Python frame between two ioctls shows in the switch time.
-        """
-        control = self._control
-        first_request, first_template = self._request, self._template
-        then_request, then_template = then._request, then._template
-
-        def send_both() -> None:
-            fd = control._fd
-            if fd is None or control._pid != _pid:
-                fd = control.fileno()
-            try:
-                result = fcntl.ioctl(fd, first_request, bytearray(first_template))
-            except OSError as exc:
-                raise self._failed(exc.errno or 0) from None
-            if result:
-                raise self._answered(result)
-            try:
-                try:
-                    result = fcntl.ioctl(fd, then_request, bytearray(then_template))
-                except OSError as exc:
-                    raise then._failed(exc.errno or 0) from None
-                if result:
-                    raise then._answered(result)
-            except BaseException:
-                undo()
-                raise
-
-        return send_both
+    def _undo(self) -> None:
+        """After a failed swap: drop the loaded table, make sure the old one runs."""
+        clear = PreparedCall(self._control, Command.TABLE_CLEAR, bytearray(self._resume._template),
+                             "clear table", self._resume.device, self._resume.dev)
+        try:
+            clear.send()
+        except DMFlakeyError:
+            pass  # nothing left to drop
+        try:
+            self._resume.send()
+        except DMFlakeyError:
+            time.sleep(0.05)
+            self._resume.send()
 
 
 class Control:
-    """The control file, opened on first use, and every dm operation on it.
+    """The control file, opened on first use, and one method per dm ioctl.
 
-    Thread-safe: the ioctls themselves need no lock; only the lazy open is guarded.
+    Every method takes the device as a name or as ``ByUuid(uuid)``.  Thread-safe:
+    the ioctls need no lock; only the lazy open is guarded.
     """
 
     def __init__(self, path: str = CONTROL_PATH) -> None:
@@ -536,7 +545,7 @@ class Control:
             fcntl.ioctl(fd, Command.VERSION.request, buf)
         except OSError as exc:
             os.close(fd)
-            raise _error(Command.VERSION, "version", None, exc.errno or 0) from None
+            raise _error(Command.VERSION, "version", None, exc.errno or 0, list) from None
         self._version = tuple(struct.unpack_from("=3I", buf))  # type: ignore[assignment]
         return fd
 
@@ -552,40 +561,62 @@ class Control:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send(self, command: Command, buf: bytearray, operation: str, device: Optional[str]) -> Reply:
-        """Send one packed request; raise the library's error on failure."""
-        fd = self.fileno()  # outside the try: KernelSupportError (no dm) must not become "DM_x failed"
+    def send(self, command: Command, buf: bytearray, operation: str, device: Optional[str], *,
+             dev: Optional[int] = None) -> bytearray:
+        """The one place an ioctl is sent: send buf, raise the library's error on failure.
+
+        dev (the device's number, when known) lets an error quote the kernel log
+        lines about this device and no other.
+        """
+        fd = self.fileno()  # outside the try: its own errors (no dm, not root) stand
         since = time.monotonic()
         try:
             result = fcntl.ioctl(fd, command.request, buf)
         except OSError as exc:
-            raise _error(command, operation, device, exc.errno or 0, since) from None
+            err = exc.errno or 0
+            raise _error(command, operation, device, err,
+                         lambda: self._log_about(buf, dev, since)) from None
         if result:  # e.g. DM_TARGET_MSG answers a positive value without errno
             raise DMFlakeyError(operation, device, f"DM_{command.name} answered {result} "
                                 "(does the device have a live table?)")
-        return Reply(buf)
+        return buf
 
-    def call(self, command: Command, operation: str, device: Optional[str], *, size: int = 0,
-             **fields: object) -> Reply:
-        """Pack and send; repeat with a doubled buffer while the kernel says BUFFER_FULL."""
+    def _log_about(self, request: bytearray, dev: Optional[int], since: float) -> list[str]:
+        """Kernel log lines about the device of a failed request (found by its name or uuid)."""
+        if dev is None:
+            fields = HEADER.unpack_from(request)
+            name, uuid = _cstr(fields[11]), _cstr(fields[12])
+            try:
+                dev = self.info(ByUuid(uuid) if uuid else name).dev if (name or uuid) else None
+            except DMFlakeyError:
+                dev = None
+        if dev is None:
+            return []
+        return kmsg.lines_about(os.major(dev), os.minor(dev), since)
+
+    def call(self, command: Command, operation: str, device: DeviceRef, *, size: int = 0,
+             payload: bytes = b"", **fields: object) -> Reply:
+        """Pack and send; repeat with a doubled buffer while the kernel says BUFFER_FULL.
+
+        device _GLOBAL is for the commands about no device (list devices, list targets).
+        """
+        name, uuid, label = _address(device, operation) if device is not _GLOBAL else NO_DEVICE
         size = size or BUFFER_START
         while True:
-            reply = self.send(command, pack_request(size=size, **fields),  # type: ignore[arg-type]
-                              operation, device)
+            buf = pack_request(name=name, uuid=uuid, payload=payload, size=size,
+                               **fields)  # type: ignore[arg-type]
+            reply = Reply(self.send(command, buf, operation, label))
             if not reply.flags & Flag.BUFFER_FULL:
                 return reply
             if size >= BUFFER_MAX:
-                raise DMFlakeyError(operation, device, f"the answer does not fit in {size} bytes",
+                raise DMFlakeyError(operation, label, f"the answer does not fit in {size} bytes",
                                     errno.ENOBUFS)
             size *= 2
 
-    def prepare(self, command: Command, operation: str, name: str, *, flags: int = 0,
-                event_nr: int = 0, payload: bytes = b"", target_count: int = 0) -> PreparedCall:
-        """A PreparedCall for a request that carries no output (suspend, resume, load)."""
-        raw = check_name(name, operation)
-        return PreparedCall(self, command, pack_request(name=raw, flags=flags, event_nr=event_nr,
-                                                        payload=payload, target_count=target_count),
-                            operation, name)
+    def prepare_swap(self, device: DeviceRef, targets: Iterable[TargetLike], *,
+                     lockfs: bool = False, dev: Optional[int] = None) -> TableSwap:
+        """A TableSwap for device: targets packed once, swapped in by each run()."""
+        return TableSwap(self, device, targets, lockfs=lockfs, dev=dev)
 
     @staticmethod
     def udev_cookie() -> int:
@@ -606,82 +637,79 @@ class Control:
     def create(self, name: str, uuid: Optional[str] = None) -> DeviceInfo:
         """A new device with no table (it has a device number but no node yet)."""
         raw = check_name(name, "create")
-        reply = self.call(Command.DEV_CREATE, "create", name, name=raw,
-                          uuid=check_uuid(uuid, "create"), size=HEADER.size)
-        return self._info(reply)
+        request = pack_request(name=raw, uuid=check_uuid(uuid, "create"))
+        return self._info(Reply(self.send(Command.DEV_CREATE, request, "create", name)))
 
-    def load(self, name: str, targets: Iterable[TargetLike], *, read_only: bool = False) -> None:
+    def load(self, device: DeviceRef, targets: Iterable[TargetLike], *,
+             read_only: bool = False) -> None:
         """Load a table into the inactive slot; it goes live at the next resume."""
-        raw = check_name(name, "load table")
-        payload, count = pack_targets(targets, "load table", name)
-        self.call(Command.TABLE_LOAD, "load table", name, name=raw, payload=payload,
-                  target_count=count, flags=Flag.READONLY if read_only else 0,
-                  size=HEADER.size + len(payload))
+        label = _address(device, "load table")[2]
+        payload, count = pack_targets(targets, "load table", label)
+        self.call(Command.TABLE_LOAD, "load table", device, payload=payload, target_count=count,
+                  flags=Flag.READONLY if read_only else 0, size=HEADER.size + len(payload))
 
-    def suspend(self, name: str, *, lockfs: bool = True, flush: bool = True) -> None:
+    def suspend(self, device: DeviceRef, *, lockfs: bool = True, flush: bool = True) -> None:
         """Suspend I/O; lockfs=False skips the filesystem freeze, flush=False sends NOFLUSH."""
         flags = Flag.SUSPEND | (0 if lockfs else Flag.SKIP_LOCKFS) | (0 if flush else Flag.NOFLUSH)
-        self.call(Command.DEV_SUSPEND, "suspend", name, name=check_name(name, "suspend"),
-                  flags=flags, size=HEADER.size)
+        self.call(Command.DEV_SUSPEND, "suspend", device, flags=flags, size=HEADER.size)
 
-    def resume(self, name: str) -> DeviceInfo:
+    def resume(self, device: DeviceRef) -> DeviceInfo:
         """Resume (swapping in a loaded table) and make sure /dev/mapper/<name> exists."""
-        reply = self.call(Command.DEV_SUSPEND, "resume", name, name=check_name(name, "resume"),
-                          event_nr=self.udev_cookie(), size=HEADER.size)
+        reply = self.call(Command.DEV_SUSPEND, "resume", device, event_nr=self.udev_cookie(),
+                          size=HEADER.size)
         info = self._info(reply)
         self._ensure_device_node(info)
         return info
 
-    def remove(self, name: str, *, retries: int = 20, deferred: bool = False) -> bool:
+    def remove(self, device: DeviceRef, *, retries: int = 20, deferred: bool = False) -> bool:
         """Remove a device and its node, retrying EBUSY with a bounded backoff.
 
-        Returns False when deferred removal was scheduled because the device is
-        still open (it disappears at its last close), True when it is gone.
+        The device is looked up first and then removed by its uuid, so that a
+        device made under the same name meanwhile is never the one removed; the
+        node goes only if it is this device's.  Returns False when deferred
+        removal was scheduled because the device is still open (it disappears
+        at its last close), True when it is gone.
         """
-        raw = check_name(name, "remove")
+        info = self.info(device)
+        target: DeviceRef = ByUuid(info.uuid) if info.uuid else info.name
         flags = Flag.DEFERRED_REMOVE if deferred else 0
         delay = 0.005
         retries = max(retries, 0)
         for attempt in range(retries + 1):
             try:
-                reply = self.call(Command.DEV_REMOVE, "remove", name, name=raw, flags=flags,
+                reply = self.call(Command.DEV_REMOVE, "remove", target, flags=flags,
                                   event_nr=self.udev_cookie(), size=HEADER.size)
                 break
-            except DeviceNotFoundError:
-                nodes.remove_node(f"{MAPPER_DIR}/{name}", None)  # a node of ours may outlive it
-                raise
             except DeviceBusyError:
                 if attempt == retries:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
-        nodes.remove_node(f"{MAPPER_DIR}/{name}", None)
-        return not reply.flags & Flag.DEFERRED_REMOVE
+        gone = not reply.flags & Flag.DEFERRED_REMOVE
+        if gone:
+            nodes.remove_node(info.path, info.dev)
+        return gone
 
-    def clear(self, name: str) -> None:
+    def clear(self, device: DeviceRef) -> None:
         """Drop the inactive (loaded but not resumed) table."""
-        self.call(Command.TABLE_CLEAR, "clear table", name, name=check_name(name, "clear table"),
-                  size=HEADER.size)
+        self.call(Command.TABLE_CLEAR, "clear table", device, size=HEADER.size)
 
-    def info(self, name: str) -> DeviceInfo:
+    def info(self, device: DeviceRef) -> DeviceInfo:
         """DM_DEV_STATUS of a device."""
-        return self._info(self.call(Command.DEV_STATUS, "info", name,
-                                    name=check_name(name, "info"), size=HEADER.size))
+        return self._info(self.call(Command.DEV_STATUS, "info", device, size=HEADER.size))
 
-    def table(self, name: str, *, inactive: bool = False) -> list[Target]:
+    def table(self, device: DeviceRef, *, inactive: bool = False) -> list[Target]:
         """The live table (or the inactive one) as the kernel prints it."""
         flags = Flag.STATUS_TABLE | (Flag.QUERY_INACTIVE_TABLE if inactive else 0)
-        return self._targets(self.call(Command.TABLE_STATUS, "table", name,
-                                       name=check_name(name, "table"), flags=flags))
+        return self._targets(self.call(Command.TABLE_STATUS, "table", device, flags=flags))
 
-    def status(self, name: str) -> list[Target]:
+    def status(self, device: DeviceRef) -> list[Target]:
         """Each target's status line (dm-flakey's is empty)."""
-        return self._targets(self.call(Command.TABLE_STATUS, "status", name,
-                                       name=check_name(name, "status")))
+        return self._targets(self.call(Command.TABLE_STATUS, "status", device))
 
     def list_devices(self) -> list[ListedDevice]:
         """Every dm device on the system, with uuids where the kernel reports them (>= 4.45)."""
-        reply = self.call(Command.LIST_DEVICES, "list devices", None, flags=Flag.UUID)
+        reply = self.call(Command.LIST_DEVICES, "list devices", _GLOBAL, flags=Flag.UUID)
         data, out, offset = reply.data(), [], 0
         if len(data) < NAME_LIST.size:
             return out
@@ -706,7 +734,7 @@ class Control:
 
     def target_versions(self) -> dict[str, tuple[int, int, int]]:
         """The target types registered now (loaded modules only) and their versions."""
-        reply = self.call(Command.LIST_VERSIONS, "list targets", None)
+        reply = self.call(Command.LIST_VERSIONS, "list targets", _GLOBAL)
         return self._versions(reply.data())
 
     def target_version(self, target_type: str) -> tuple[int, int, int]:
@@ -715,8 +743,9 @@ class Control:
                 or len(target_type) > TYPE_MAX:
             raise InvalidArgumentError("target version", repr(target_type), "bad target type")
         try:
-            reply = self.call(Command.GET_TARGET_VERSION, "target version", target_type,
-                              name=target_type.encode())
+            reply = Reply(self.send(Command.GET_TARGET_VERSION,
+                                    pack_request(name=target_type.encode(), size=BUFFER_START),
+                                    "target version", target_type))
         except DMFlakeyError as exc:
             if exc.errno == errno.EINVAL:
                 raise KernelSupportError("target version", target_type, f"the kernel has no "
@@ -725,19 +754,19 @@ class Control:
             raise
         return self._versions(reply.data())[target_type]
 
-    def message(self, name: str, sector: int, text: str) -> Optional[str]:
+    def message(self, device: DeviceRef, sector: int, text: str) -> Optional[str]:
         """Send a target message; returns the target's answer, if it gave one."""
+        label = _address(device, "message")[2]
         if not isinstance(sector, int) or isinstance(sector, bool) or sector < 0:
-            raise InvalidArgumentError("message", name, f"sector {sector!r} is not a sector number")
+            raise InvalidArgumentError("message", label, f"sector {sector!r} is not a sector number")
         if not isinstance(text, str) or not text or "\0" in text:
-            raise InvalidArgumentError("message", name, f"bad message {text!r}")
-        raw = check_name(name, "message")
+            raise InvalidArgumentError("message", label, f"bad message {text!r}")
         try:
             payload = U64.pack(sector) + text.encode() + b"\0"
         except (UnicodeEncodeError, struct.error):
-            raise InvalidArgumentError("message", name, f"bad message {text!r} or sector "
+            raise InvalidArgumentError("message", label, f"bad message {text!r} or sector "
                                        f"{sector!r}") from None
-        reply = self.call(Command.TARGET_MSG, "message", name, name=raw, payload=payload)
+        reply = self.call(Command.TARGET_MSG, "message", device, payload=payload)
         if reply.flags & Flag.DATA_OUT:
             return _cstr(reply.data())
         return None
@@ -807,36 +836,36 @@ def create(name: str, uuid: Optional[str] = None) -> DeviceInfo:
     return control().create(name, uuid)
 
 
-def load(name: str, targets: Iterable[TargetLike], *, read_only: bool = False) -> None:
-    control().load(name, targets, read_only=read_only)
+def load(device: DeviceRef, targets: Iterable[TargetLike], *, read_only: bool = False) -> None:
+    control().load(device, targets, read_only=read_only)
 
 
-def suspend(name: str, *, lockfs: bool = True, flush: bool = True) -> None:
-    control().suspend(name, lockfs=lockfs, flush=flush)
+def suspend(device: DeviceRef, *, lockfs: bool = True, flush: bool = True) -> None:
+    control().suspend(device, lockfs=lockfs, flush=flush)
 
 
-def resume(name: str) -> DeviceInfo:
-    return control().resume(name)
+def resume(device: DeviceRef) -> DeviceInfo:
+    return control().resume(device)
 
 
-def remove(name: str, *, retries: int = 20, deferred: bool = False) -> bool:
-    return control().remove(name, retries=retries, deferred=deferred)
+def remove(device: DeviceRef, *, retries: int = 20, deferred: bool = False) -> bool:
+    return control().remove(device, retries=retries, deferred=deferred)
 
 
-def clear(name: str) -> None:
-    control().clear(name)
+def clear(device: DeviceRef) -> None:
+    control().clear(device)
 
 
-def info(name: str) -> DeviceInfo:
-    return control().info(name)
+def info(device: DeviceRef) -> DeviceInfo:
+    return control().info(device)
 
 
-def table(name: str, *, inactive: bool = False) -> list[Target]:
-    return control().table(name, inactive=inactive)
+def table(device: DeviceRef, *, inactive: bool = False) -> list[Target]:
+    return control().table(device, inactive=inactive)
 
 
-def status(name: str) -> list[Target]:
-    return control().status(name)
+def status(device: DeviceRef) -> list[Target]:
+    return control().status(device)
 
 
 def list_devices() -> list[ListedDevice]:
@@ -851,8 +880,8 @@ def target_version(target_type: str) -> tuple[int, int, int]:
     return control().target_version(target_type)
 
 
-def message(name: str, sector: int, text: str) -> Optional[str]:
-    return control().message(name, sector, text)
+def message(device: DeviceRef, sector: int, text: str) -> Optional[str]:
+    return control().message(device, sector, text)
 
 
 for _function in (version, create, load, suspend, resume, remove, clear, info, table, status,

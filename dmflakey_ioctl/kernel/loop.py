@@ -21,7 +21,8 @@ from . import nodes
 from ..errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, \
     KernelSupportError, NotRootError, opened
 
-__all__ = ["LoopDevice", "attach", "detach", "info", "device_size", "LOOP_MAJOR"]
+__all__ = ["LoopDevice", "attach", "attach_fd", "detach", "info", "by_dev", "bound_identity", "wait_unbound",
+           "device_size", "LOOP_MAJOR"]
 
 LOOP_MAJOR = 7
 LOOP_CONTROL = "/dev/loop-control"
@@ -52,7 +53,13 @@ ATTACH_TRIES = 64
 
 @dataclass
 class LoopDevice:
-    """A bound loop device.  Use as a context manager to detach on exit."""
+    """A bound loop device.  Use as a context manager to detach on exit.
+
+    ``dev`` is the device number the kernel gave it (with the loop driver's
+    max_part set, the minor is not the index), ``backing_id`` the
+    ``(st_dev, st_ino)`` of the file it holds: together they identify it even
+    after the number or the file's path is reused.
+    """
 
     path: str
     number: int
@@ -60,21 +67,29 @@ class LoopDevice:
     size: int
     read_only: bool = False
     autoclear: bool = False
+    dev: int = 0
+    backing_id: Optional[tuple[int, int]] = None
     _fd: Optional[int] = field(default=None, repr=False, compare=False)
 
     @property
     def rdev(self) -> int:
-        return os.makedev(LOOP_MAJOR, self.number)
+        return self.dev
 
     @property
     def major_minor(self) -> str:
         """``7:N``, the form a dm table wants."""
-        return f"{LOOP_MAJOR}:{self.number}"
+        return f"{os.major(self.dev)}:{os.minor(self.dev)}"
+
+    def close(self) -> None:
+        """Drop the descriptor attach() kept: an autoclear device is unbound at its last close."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def detach(self) -> None:
-        """Unbind the backing file; idempotent."""
-        detach(self.path, _fd=self._fd, _backing=self.backing_file)
-        self._fd = None
+        """Unbind the backing file, if it is still ours; idempotent."""
+        fd, self._fd = self._fd, None
+        detach(self.path, _fd=fd, identity=self.backing_id)
 
     def __enter__(self) -> "LoopDevice":
         return self
@@ -94,11 +109,12 @@ def _open_control() -> int:
                                  "(load it with `modprobe loop`)", exc.errno) from None
 
 
-def _node_for(number: int) -> str:
+def _node_for(number: int) -> tuple[str, int]:
+    """/dev/loopN, made where missing, and its device number as the kernel reports it."""
     path = f"/dev/loop{number}"
     rdev = nodes.sysfs_dev(f"loop{number}") or os.makedev(LOOP_MAJOR, number)
     nodes.ensure_node(path, stat.S_IFBLK, rdev, 0o660)
-    return path
+    return path, rdev
 
 
 def _config(backing_fd: int, flags: int, block_size: int, name: str) -> bytearray:
@@ -114,19 +130,39 @@ def attach(path: str, *, read_only: bool = False, direct_io: bool = False, autoc
     """Bind the file at path to a free loop device and return it.
 
     With autoclear the kernel unbinds the device at its last close; the
-    returned object then keeps one descriptor open until ``detach()``.
+    returned object then keeps one descriptor open until ``close()`` (once a dm
+    table or a mount holds the device) or ``detach()``.  A process that dies
+    before then leaves no bound loop device behind.
     """
     path = os.path.realpath(path)
+    _check_block_size(block_size, path)
+    try:
+        backing = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DMFlakeyError("attach", path, "cannot open the backing file", exc.errno) from None
+    try:
+        return attach_fd(backing, path, read_only=read_only, direct_io=direct_io,
+                         autoclear=autoclear, block_size=block_size)
+    finally:
+        os.close(backing)
+
+
+def _check_block_size(block_size: Optional[int], path: str) -> None:
     if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
                                    or block_size < 512 or block_size > 65536
                                    or block_size & (block_size - 1)):
         raise InvalidArgumentError("attach", path, f"block size {block_size!r} is not a power of two "
                                    "from 512 up to the page size")
+
+
+def attach_fd(backing: int, name: str, *, read_only: bool = False, direct_io: bool = False,
+              autoclear: bool = False, block_size: Optional[int] = None) -> LoopDevice:
+    """attach() for a file already open (a memfd, say); name is what the device reports.
+
+    The caller keeps its descriptor: the loop device holds its own reference.
+    """
+    _check_block_size(block_size, name)
     mode = os.O_RDONLY if read_only else os.O_RDWR
-    try:
-        backing = os.open(path, mode | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DMFlakeyError("attach", path, "cannot open the backing file", exc.errno) from None
     flags = (LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_AUTOCLEAR if autoclear else 0) \
         | (LO_FLAGS_DIRECT_IO if direct_io else 0)
     control = _open_control()
@@ -135,40 +171,41 @@ def attach(path: str, *, read_only: bool = False, direct_io: bool = False, autoc
             try:
                 number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
             except OSError as exc:
-                raise DMFlakeyError("attach", path, "LOOP_CTL_GET_FREE found no free loop device",
+                raise DMFlakeyError("attach", name, "LOOP_CTL_GET_FREE found no free loop device",
                                     exc.errno) from None
-            dev_path = _node_for(number)
+            dev_path, rdev = _node_for(number)
             try:
                 fd = os.open(dev_path, mode | os.O_CLOEXEC)
             except OSError as exc:
                 if exc.errno in (errno.ENXIO, errno.EBUSY) and attempt + 1 < ATTACH_TRIES:
                     time.sleep(0.001 * (attempt + 1))
                     continue
-                raise DMFlakeyError("attach", path, f"cannot open {dev_path}", exc.errno) from None
+                raise DMFlakeyError("attach", name, f"cannot open {dev_path}", exc.errno) from None
             try:
-                _configure(fd, backing, flags, block_size or 0, path)
+                _configure(fd, backing, flags, block_size or 0, name)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno == errno.EBUSY and attempt + 1 < ATTACH_TRIES:
                     time.sleep(0.001 * (attempt + 1))  # another process won the race for this number
                     continue
-                raise DMFlakeyError("attach", path, f"cannot configure {dev_path}", exc.errno) from None
+                raise DMFlakeyError("attach", name, f"cannot configure {dev_path}", exc.errno) from None
             try:
                 size = _size(fd)
             except OSError as exc:
                 fcntl.ioctl(fd, LOOP_CLR_FD, 0)
                 os.close(fd)
-                raise DMFlakeyError("attach", path, f"BLKGETSIZE64 on {dev_path} failed; detached "
+                raise DMFlakeyError("attach", name, f"BLKGETSIZE64 on {dev_path} failed; detached "
                                     "it again", exc.errno) from None
+            st = os.fstat(backing)
             if not autoclear:
                 os.close(fd)
                 fd = None
-            return LoopDevice(dev_path, number, path, size, read_only, autoclear, fd)
-        raise DeviceBusyError("attach", path, f"no free loop device after {ATTACH_TRIES} tries",
+            return LoopDevice(dev_path, number, name, size, read_only, autoclear, rdev,
+                              (st.st_dev, st.st_ino), fd)
+        raise DeviceBusyError("attach", name, f"no free loop device after {ATTACH_TRIES} tries",
                               errno.EBUSY)
     finally:
         os.close(control)
-        os.close(backing)
 
 
 def _configure(fd: int, backing: int, flags: int, block_size: int, name: str) -> None:
@@ -209,31 +246,76 @@ def device_size(path: str) -> int:
             raise DMFlakeyError("get size", path, "BLKGETSIZE64 failed", exc.errno) from None
 
 
-def _number(path: str) -> int:
+def _index(path: str, operation: str) -> int:
+    """The loop device's index N (/sys/block/loopN), from its device number.
+
+    With the loop driver's max_part set the minor is N times a stride, so the
+    number is looked up in sysfs, never computed.
+    """
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise DMFlakeyError("loop", path, "no such device node", exc.errno) from None
+        raise DMFlakeyError(operation, path, "no such device node", exc.errno) from None
     if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
-        raise InvalidArgumentError("loop", path, "not a loop block device")
-    return os.minor(st.st_rdev)
+        raise InvalidArgumentError(operation, path, "not a loop block device")
+    name = os.path.basename(os.path.realpath(
+        f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"))
+    if not name.startswith("loop") or not name[4:].isdigit():
+        raise InvalidArgumentError(operation, path, f"not a whole loop device (sysfs calls it {name})")
+    return int(name[4:])
+
+
+def by_dev(rdev: int) -> str:
+    """The node of the loop device with device number rdev (made where missing).
+
+    For a table's ``7:M``: the path is found through sysfs, so it is right
+    whatever minor stride the loop driver uses.
+    """
+    key = f"{os.major(rdev)}:{os.minor(rdev)}"
+    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{key}"))
+    if os.major(rdev) != LOOP_MAJOR or not name.startswith("loop") or not name[4:].isdigit():
+        raise DeviceNotFoundError("find loop device", key, "no whole loop device has this number",
+                                  errno.ENODEV)
+    path = f"/dev/{name}"
+    nodes.ensure_node(path, stat.S_IFBLK, rdev, 0o660)
+    return path
+
+
+def _status(fd: int) -> tuple:
+    buf = bytearray(LOOP_INFO64.size)
+    fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
+    return LOOP_INFO64.unpack(buf)
 
 
 def info(path: str) -> LoopDevice:
     """Read back what a loop device is bound to (LOOP_GET_STATUS64)."""
     with opened(path, "loop info", "cannot open the device") as fd:
-        buf = bytearray(LOOP_INFO64.size)
         try:
-            fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
+            fields = _status(fd)
         except OSError as exc:
             if exc.errno == errno.ENXIO:
                 raise DeviceNotFoundError("loop info", path, "no file is attached", exc.errno) from None
             raise DMFlakeyError("loop info", path, "LOOP_GET_STATUS64 failed", exc.errno) from None
-        fields = LOOP_INFO64.unpack(buf)
         number, flags = fields[5], fields[8]
         backing = _backing_file(number) or fields[9].split(b"\0", 1)[0].decode(errors="replace")
         return LoopDevice(path, number, backing, _size(fd), bool(flags & LO_FLAGS_READ_ONLY),
-                          bool(flags & LO_FLAGS_AUTOCLEAR))
+                          bool(flags & LO_FLAGS_AUTOCLEAR), os.fstat(fd).st_rdev,
+                          (fields[0], fields[1]))
+
+
+def bound_identity(path: str) -> Optional[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of the file the loop device holds now, or None when unbound."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fields = _status(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return fields[0], fields[1]
 
 
 def _backing_file(number: int) -> Optional[str]:
@@ -251,58 +333,60 @@ def _holders(number: int) -> list[str]:
         return []
 
 
-def detach(path: str, *, _fd: Optional[int] = None, _backing: Optional[str] = None,
-           timeout: float = 3.0) -> None:
+def detach(path: str, *, _fd: Optional[int] = None,
+           identity: Optional[tuple[int, int]] = None, timeout: float = 3.0) -> None:
     """Unbind a loop device and wait (bounded) until the kernel has let it go.
 
     Detaching a device that is already unbound is not an error.  A device that
     is mounted or held by a dm table is refused (DeviceBusyError) before
-    anything changes.  With ``_backing`` set, a device that meanwhile got bound
-    to another file is left alone (another process reused the number).
+    anything changes.  With ``identity`` (the ``(st_dev, st_ino)`` of the file
+    we bound), a device that meanwhile holds another file is left alone: another
+    process reused the number.
     """
-    number = _number(path)
-    current = _backing_file(number)
-    if current is not None and current.endswith(" (deleted)"):  # the image was unlinked meanwhile
-        current = current[:-len(" (deleted)")]
-    if current is None or (_backing is not None and current != _backing):
-        if _fd is not None:
-            os.close(_fd)
-        return
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            probe = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-            break
-        except OSError as exc:
-            if exc.errno in (errno.ENXIO, errno.ENOENT):
-                if _fd is not None:
-                    os.close(_fd)
-                return
-            if exc.errno != errno.EBUSY:
-                raise DMFlakeyError("detach", path, "cannot open the device", exc.errno) from None
-            # a holder that is still listed is not going away by itself: refuse at once;
-            # one that just left (a removed dm device, an unmount) lets go within moments
-            held = _holders(number)
-            if held or time.monotonic() >= deadline:
-                who = ", ".join(held) or "a mount or another exclusive user"
-                raise DeviceBusyError("detach", path, f"in use by {who}; unmount or remove that "
-                                      "first", exc.errno) from None
-            time.sleep(0.01)
+    number = _index(path, "detach")
     try:
-        fcntl.ioctl(probe, LOOP_CLR_FD, 0)
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:
-            raise DMFlakeyError("detach", path, "LOOP_CLR_FD failed", exc.errno) from None
+        bound = bound_identity(path)
+        if bound is None or (identity is not None and bound != identity):
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                probe = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+                break
+            except OSError as exc:
+                if exc.errno in (errno.ENXIO, errno.ENOENT):
+                    return
+                if exc.errno != errno.EBUSY:
+                    raise DMFlakeyError("detach", path, "cannot open the device", exc.errno) from None
+                # a holder that is still listed is not going away by itself: refuse at once;
+                # one that just left (a removed dm device, an unmount) lets go within moments
+                held = _holders(number)
+                if held or time.monotonic() >= deadline:
+                    who = ", ".join(held) or "a mount or another exclusive user"
+                    raise DeviceBusyError("detach", path, f"in use by {who}; unmount or remove that "
+                                          "first", exc.errno) from None
+                time.sleep(0.01)
+        try:
+            fcntl.ioctl(probe, LOOP_CLR_FD, 0)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise DMFlakeyError("detach", path, "LOOP_CLR_FD failed", exc.errno) from None
+        finally:
+            os.close(probe)
     finally:
-        os.close(probe)
         if _fd is not None:
             os.close(_fd)
     # LOOP_CLR_FD only marks the device; it unbinds once the last descriptor is
     # closed.  Wait for that, so the caller can count on the device being free.
     # Once free, another process may bind the number to its own file at once:
     # only our file still being there means "not yet".
-    while _backing_file(number) == current:
+    wait_unbound(path, bound, deadline)
+
+
+def wait_unbound(path: str, identity: tuple[int, int], deadline: float) -> None:
+    """Wait until the loop device no longer holds the file identity (DeviceBusyError at deadline)."""
+    while bound_identity(path) == identity:
         if time.monotonic() >= deadline:
-            raise DeviceBusyError("detach", path, f"still bound {timeout:.0f} s after LOOP_CLR_FD: "
-                                  "another process holds it open", errno.EBUSY)
+            raise DeviceBusyError("detach", path, "still bound: another process holds it open",
+                                  errno.EBUSY)
         time.sleep(0.002)

@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from ..errors import InvalidTableError
+from .checks import DIGITS, U32_MAX, U64_MAX, check_device, check_int, check_uint, refuse
 
 __all__ = ["Direction", "CorruptBIOByte", "FlakeyTable", "PROBABILITY_MAX"]
 
 PROBABILITY_MAX = 1_000_000_000
 """Denominator of the random_*_corrupt probabilities (the kernel's PROBABILITY_BASE)."""
 
-_U32_MAX = 2**32 - 1
-_U64_MAX = 2**64 - 1
-_MAJOR_MAX = 2**12 - 1
-_MINOR_MAX = 2**20 - 1
-_DIGITS = re.compile(r"[0-9]+")
-_MAJOR_MINOR = re.compile(r"([0-9]+):([0-9]+)")
 _ARITY = {
     "error_reads": 0,
     "drop_writes": 0,
@@ -43,44 +37,20 @@ _PARSE = "parse flakey table"
 
 
 def _refuse(cause: str) -> InvalidTableError:
-    return InvalidTableError(_BUILD, None, cause)
+    return refuse(_BUILD, cause)
 
 
 def _int(name: str, value: Any) -> int:
-    """Return ``value`` as a plain int, refusing bools, floats, strings and the like."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _refuse(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
+    return check_int(_BUILD, name, value)
 
 
 def _uint(name: str, value: Any, low: int, high: int) -> int:
-    """Return ``value`` as a plain int within low..high."""
-    number = _int(name, value)
-    if not low <= number <= high:
-        raise _refuse(f"{name} must be in {low}..{high}, got {number}")
-    return number
+    return check_uint(_BUILD, name, value, low, high)
 
 
 def _check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise _refuse(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-
-
-def _check_device(device: Any) -> None:
-    """Refuse a device string the kernel would split, unescape or fail to look up."""
-    if not isinstance(device, str):
-        raise _refuse(f"device must be a str, got {type(device).__name__} {device!r}")
-    if not device:
-        raise _refuse("device is empty")
-    if any(c.isspace() or not c.isprintable() or c == "\\" for c in device):
-        raise _refuse(f"device {device!r} contains whitespace, a control character or a backslash")
-    numbers = _MAJOR_MINOR.fullmatch(device)
-    if numbers:
-        major, minor = int(numbers.group(1)), int(numbers.group(2))
-        if major > _MAJOR_MAX or minor > _MINOR_MAX:
-            raise _refuse(f"device {device!r}: major must be <= {_MAJOR_MAX} and minor <= {_MINOR_MAX}")
-    elif not device.startswith("/"):
-        raise _refuse(f"device {device!r} is neither major:minor nor an absolute path")
 
 
 class Direction(str, enum.Enum):
@@ -103,13 +73,13 @@ class CorruptBIOByte:
     flags: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "nth_byte", _uint("corrupt_bio_byte nth_byte", self.nth_byte, 1, _U32_MAX))
+        object.__setattr__(self, "nth_byte", _uint("corrupt_bio_byte nth_byte", self.nth_byte, 1, U32_MAX))
         direction = self.direction
         if not isinstance(direction, str) or direction.lower() not in ("r", "w"):
             raise _refuse(f"corrupt_bio_byte direction must be 'r' or 'w', got {direction!r}")
         object.__setattr__(self, "direction", Direction(direction.lower()))
         object.__setattr__(self, "value", _uint("corrupt_bio_byte value", self.value, 0, 255))
-        object.__setattr__(self, "flags", _uint("corrupt_bio_byte flags", self.flags, 0, _U32_MAX))
+        object.__setattr__(self, "flags", _uint("corrupt_bio_byte flags", self.flags, 0, U32_MAX))
 
     def words(self) -> list[str]:
         """The five feature words, keyword included."""
@@ -119,6 +89,8 @@ class CorruptBIOByte:
 @dataclass(frozen=True)
 class FlakeyTable:
     """The parameters of one flakey target: what follows ``<start> <len> flakey``."""
+
+    target_type: ClassVar[str] = "flakey"
 
     device: str
     up_interval: int
@@ -132,14 +104,14 @@ class FlakeyTable:
     random_write_corrupt: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check_device(self.device)
-        for name, high in (("up_interval", _U32_MAX), ("down_interval", _U32_MAX), ("offset", _U64_MAX)):
+        check_device(_BUILD, self.device)
+        for name, high in (("up_interval", U32_MAX), ("down_interval", U32_MAX), ("offset", U64_MAX)):
             object.__setattr__(self, name, _uint(name, getattr(self, name), 0, high))
         total = self.up_interval + self.down_interval
         if total == 0:
             raise _refuse("up_interval + down_interval is 0; the kernel needs a period of at least 1 second")
-        if total > _U32_MAX:
-            raise _refuse(f"up_interval + down_interval = {total} overflows 32 bits (max {_U32_MAX})")
+        if total > U32_MAX:
+            raise _refuse(f"up_interval + down_interval = {total} overflows 32 bits (max {U32_MAX})")
         for name in ("drop_writes", "error_writes", "error_reads"):
             _check_flag(name, getattr(self, name))
         if self.corrupt_bio_byte is not None and not isinstance(self.corrupt_bio_byte, CorruptBIOByte):
@@ -196,9 +168,13 @@ class FlakeyTable:
 
     def line(self, start: int, length: int) -> str:
         """A whole table line: ``<start> <length> flakey <params>`` (sectors)."""
-        start = _uint("start", start, 0, _U64_MAX)
-        length = _uint("length", length, 1, _U64_MAX - start)
+        start = _uint("start", start, 0, U64_MAX)
+        length = _uint("length", length, 1, U64_MAX - start)
         return f"{start} {length} flakey {self.params()}"
+
+    def passes_through(self) -> bool:
+        """True when the target never faults (no down interval)."""
+        return self.down_interval == 0
 
     def fails_all_io(self) -> bool:
         """True when every read and write fails during the down interval.
@@ -236,7 +212,7 @@ class FlakeyTable:
             return InvalidTableError(_PARSE, None, f"{cause} in {params!r}")
 
         def number(name: str, word: str) -> int:
-            if not _DIGITS.fullmatch(word):
+            if not DIGITS.fullmatch(word):
                 raise fail(f"{name} must be a decimal number, got {word!r}")
             return int(word)
 

@@ -23,7 +23,8 @@ import pytest
 from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import (DMFlakeyError, InvalidArgumentError, InvalidNameError,
                                    InvalidTableError, KernelSupportError)
-from dmflakey_ioctl.flakey import Flakey, Owner, init_flakey
+from dmflakey_ioctl.flakey import Flakey, init_flakey
+from dmflakey_ioctl.ownership import Owner
 from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, FlakeyTable
 
 SEED = 0xD3F1A4E
@@ -258,7 +259,8 @@ def test_random_target_lists_pack_or_refuse_before_any_ioctl(no_kernel):
 
 @pytest.fixture
 def fake(no_kernel):
-    return Flakey("dmfu-bad", "7:0", 131072, owner=Owner(0, 0, "img"))
+    uuid = "DMFLAKEY-0.0.1.0-img-000000000000"
+    return Flakey("dmfu-bad", uuid, os.makedev(253, 0), "7:0", 131072, owner=Owner.from_uuid(uuid))
 
 
 def random_switch(rng: random.Random) -> Callable[[Flakey], Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dmflakey_ioctl import cli
+from dmflakey_ioctl.cli import devices
 from dmflakey_ioctl.errors import DeviceNotFoundError, KernelSupportError
 from dmflakey_ioctl.tables.flakey import CorruptBIOByte, FlakeyTable
 
@@ -54,8 +55,8 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_switch_defaults_and_options(command):
     args = parse(command, "dev")
     assert (args.name, args.interval, args.sync_fs, args.debug) == ("dev", 120, False, False)
-    args = parse(command, "dev", "--interval", "0", "--sync-fs", "--debug")
-    assert (args.interval, args.sync_fs, args.debug) == (0, True, True)
+    args = parse(command, "dev", "--interval", "1", "--sync-fs", "--debug")
+    assert (args.interval, args.sync_fs, args.debug) == (1, True, True)
 
 
 def test_parsed_arguments():
@@ -134,14 +135,15 @@ def test_library_errors_and_bugs_are_one_line(capsys, monkeypatch):
 
     def not_found(name):
         raise DeviceNotFoundError("info", name, "no such\ndevice-mapper device", 6)
-    monkeypatch.setattr(cli, "open_flakey", not_found)
+    monkeypatch.setattr(devices, "open_flakey", not_found)
+    # the error names the user's operation, not the ioctl that found nothing
     assert cli.main(["remove", "x"]) == cli.EXIT_FAILED
-    assert capsys.readouterr().err == ("dmflakey: info x: no such device-mapper device "
+    assert capsys.readouterr().err == ("dmflakey: remove x: no such device "
                                        "[ENXIO: No such device or address]\n")
 
     def bug(name):
         raise KeyError(name)
-    monkeypatch.setattr(cli, "open_flakey", bug)
+    monkeypatch.setattr(devices, "open_flakey", bug)
     assert cli.main(["table", "x"]) == cli.EXIT_FAILED
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error: KeyError" in err and "--debug" in err

@@ -20,12 +20,20 @@ from dmflakey_ioctl import features
 
 from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import InvalidArgumentError, InvalidTableError, UnsupportedFeatureError
-from dmflakey_ioctl.flakey import DEFAULT_INTERVAL, Flakey, Owner
+from dmflakey_ioctl.flakey import DEFAULT_INTERVAL, Flakey
+from dmflakey_ioctl.ownership import Owner
 from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, Direction, FlakeyTable
+from dmflakey_ioctl.tables.segments import DeviceTable
 
 CONTROL = dm.CONTROL_PATH
 BACKING = "7:0"
-NEWER = ("error_reads", "random_read_corrupt", "random_write_corrupt")
+NEWER = tuple(features.FEATURE_SINCE)
+UUID = "DMFLAKEY-0.0.1.0-img-000000000000"
+
+
+def make_dev() -> Flakey:
+    """A Flakey over a made-up device: building it opens nothing."""
+    return Flakey("dmfu-args", UUID, os.makedev(253, 0), BACKING, 131072, owner=Owner.from_uuid(UUID))
 
 
 @pytest.fixture
@@ -52,15 +60,29 @@ def feature_cache():
 
 @pytest.fixture
 def dev(no_kernel, feature_cache):
-    return Flakey("dmfu-args", BACKING, 131072, owner=Owner(0, 0, "img"))
+    return make_dev()
+
+
+class FakeSwap:
+    def run(self) -> None:
+        pass
+
+
+def capture_swaps(monkeypatch) -> list:
+    """The (table, sync_fs) each switch would swap in, captured instead of prepared and sent."""
+    seen: list[tuple[FlakeyTable, bool]] = []
+
+    def prepare_swap(self, device, targets, *, lockfs=False, dev=None):
+        assert device == dm.ByUuid(UUID), "a switch addresses its device by uuid"
+        seen.append((DeviceTable.parse(targets).fault, lockfs))
+        return FakeSwap()
+    monkeypatch.setattr(dm.Control, "prepare_swap", prepare_swap)
+    return seen
 
 
 @pytest.fixture
 def loads(dev, monkeypatch):
-    """The (table, sync_fs) each switch would load, captured instead of sent."""
-    seen: list[tuple[FlakeyTable, bool]] = []
-    monkeypatch.setattr(dev, "load_table", lambda table, *, sync_fs=False: seen.append((table, sync_fs)))
-    return seen
+    return capture_swaps(monkeypatch)
 
 
 def test_construction_touches_no_kernel(dev):
@@ -180,7 +202,7 @@ def test_bad_corrupt_bio_byte_is_refused(dev, loads, args):
     dict(random_write_corrupt=PROBABILITY_MAX + 1),
 ], ids=lambda f: "+".join(f))
 def test_a_conflicting_table_never_reaches_load_table(no_kernel, features_):
-    dev = Flakey("dmfu-args", BACKING, 131072, owner=Owner(0, 0, "img"))
+    dev = make_dev()
     with pytest.raises(InvalidTableError):
         dev.load_table(FlakeyTable(dev.backing, 0, 10, **features_))
 
@@ -195,9 +217,8 @@ def test_a_missing_feature_is_refused_without_the_kernel(no_kernel, monkeypatch,
     try:
         for name in NEWER:
             features.supported(name, probe=lambda f: False)
-        dev = Flakey("dmfu-args", BACKING, 131072, owner=Owner(0, 0, "img"))
-        seen: list = []
-        monkeypatch.setattr(dev, "load_table", lambda *a, **kw: seen.append(a))
+        dev = make_dev()
+        seen = capture_swaps(monkeypatch)
         with pytest.raises(UnsupportedFeatureError) as info:
             call(dev)
         assert (info.value.feature, info.value.since) == (feature, features.FEATURE_SINCE[feature])
@@ -206,7 +227,7 @@ def test_a_missing_feature_is_refused_without_the_kernel(no_kernel, monkeypatch,
         # a probability of 0 corrupts nothing and so needs no feature
         if feature.startswith("random"):
             getattr(dev, feature)(0.0)
-            assert seen == [(FlakeyTable(BACKING, 1, 0),)]
+            assert seen == [(FlakeyTable(BACKING, 1, 0), False)]
     finally:
         features.reset_cache()
 
@@ -228,7 +249,7 @@ def test_a_bad_argument_is_refused_before_the_feature_probe(no_kernel, monkeypat
         def probe(feature):
             raise AssertionError(f"probed the kernel for {feature} in a call that had to be refused anyway")
         monkeypatch.setattr(features, "_probe", probe)
-        dev = Flakey("dmfu-args", BACKING, 131072, owner=Owner(0, 0, "img"))
+        dev = make_dev()
         with pytest.raises(InvalidArgumentError) as info:
             call(dev)
         assert info.value.errno is None
