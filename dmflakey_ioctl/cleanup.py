@@ -87,7 +87,7 @@ def teardown(name: str, uuid: str, images: Sequence[BackingImage], *, delete_ima
     else: nothing is touched and DeviceNotFoundError says so.
     """
     try:
-        info = dm.info(dm.ByUuid(uuid))
+        info = dm.info(dm.ByUuid(uuid, name))
     except DeviceNotFoundError:
         info = None
         try:
@@ -101,7 +101,7 @@ def teardown(name: str, uuid: str, images: Sequence[BackingImage], *, delete_ima
         for point in reversed(mountinfo.mount_points_of(info.dev)):
             fs.umount(point)
         try:
-            dm.remove(dm.ByUuid(uuid))
+            dm.remove(dm.ByUuid(uuid, name))
         except DeviceNotFoundError:
             pass  # removed meanwhile by another cleanup: the rest still applies
     for image in images:
@@ -111,7 +111,7 @@ def teardown(name: str, uuid: str, images: Sequence[BackingImage], *, delete_ima
 def remove_owned(device: OwnedDevice, operation: str = "remove") -> None:
     """Tear down a device of ours found in the kernel's list, with what its table maps."""
     try:
-        targets = dm.table(dm.ByUuid(device.uuid))
+        targets = dm.table(dm.ByUuid(device.uuid, device.name))
     except DeviceNotFoundError:
         return
     teardown(device.name, device.uuid, images_in_table(targets),

@@ -25,6 +25,7 @@ __all__ = [
     "InvalidNameError",
     "InvalidTableError",
     "TableRejectedError",
+    "LogFullError",
     "LeftAloneWarning",
     "opened",
 ]
@@ -116,6 +117,16 @@ class TableRejectedError(DMFlakeyError):
     """The kernel refused a table; attribute ``kernel_log`` holds what it said in /dev/kmsg."""
 
     kernel_log: str
+
+
+class LogFullError(DMFlakeyError):
+    """A recording's log device ran out of space, so the log misses writes.
+
+    Attributes ``log_size`` (bytes) and ``needed`` (about what the writes took).
+    """
+
+    log_size: int
+    needed: int
 
 
 class LeftAloneWarning(UserWarning):

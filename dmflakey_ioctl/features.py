@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 from .errors import DMFlakeyError, UnsupportedFeatureError
@@ -28,7 +29,7 @@ from .ownership import Kind, Owner
 from .tables.delay import DelayTable
 from .tables.flakey import CorruptBIOByte, Direction, FlakeyTable, PROBABILITY_MAX
 
-__all__ = ["FEATURE_SINCE", "supported", "require", "needed", "reset_cache"]
+__all__ = ["FEATURE_SINCE", "PROBES", "Probe", "supported", "require", "needed", "reset_cache"]
 
 # When each feature that a supported kernel may lack arrived.
 FEATURE_SINCE: Dict[str, str] = {
@@ -86,14 +87,16 @@ def _scratch(table: Callable[[str], tuple]) -> Iterator[tuple[str, int]]:
         memfd = os.memfd_create("dmflakey-probe", os.MFD_CLOEXEC)
         try:
             os.write(memfd, bytes([_PATTERN]) * _SCRATCH_BYTES)
-            with loop.attach_fd(memfd, "dmflakey-probe", autoclear=True) as lo:
-                dm.load(dm.ByUuid(uuid), [table(lo.major_minor)])
-                lo.close()  # the table holds it now: autoclear frees it with the device
-                yield dm.resume(dm.ByUuid(uuid)).path, memfd
+            lo = loop.attach_fd(memfd, "dmflakey-probe", autoclear=True)
+            try:
+                dm.load(dm.ByUuid(uuid, name), [table(lo.major_minor)])
+            finally:
+                lo.close()  # held by the table, autoclear frees it with the device; else now
+            yield dm.resume(dm.ByUuid(uuid, name)).path, memfd
         finally:
             os.close(memfd)
     finally:
-        dm.remove(dm.ByUuid(uuid))
+        dm.remove(dm.ByUuid(uuid, name))
 
 
 def _io(path: str, write: Optional[bytes] = None) -> bytes:
@@ -122,47 +125,77 @@ def _differs_from_pattern(data: bytes) -> bool:
     return data != bytes([_PATTERN]) * len(data)
 
 
-def _probe(feature: str) -> bool:
-    """Make a scratch device with feature and look for its effect; False when refused or inert."""
-    attempts = 3  # a random corruption may write the value that was there (1 in 256)
+@dataclass(frozen=True)
+class Probe:
+    """How to see a feature work: a table over the scratch loop device, and its expected effect.
+
+    ``table(backing)`` gives ``(start, length, type, params)`` for a backing
+    ``major:minor``; ``effect(path, memfd)`` looks at the scratch device at path
+    (whose loop device reads and writes the memfd) and says whether the feature
+    did what it should.
+    """
+
+    table: Callable[[str], tuple]
+    effect: Callable[[str, int], bool]
+
+    def run(self) -> bool:
+        """True when the kernel took the table and the effect was seen; False when refused or inert."""
+        try:
+            with _scratch(self.table) as (path, memfd):
+                return self.effect(path, memfd)
+        except DMFlakeyError as exc:
+            if exc.errno == errno.EINVAL:   # the kernel refused the table: no such feature
+                return False
+            raise
+
+
+def _reads_fail(path: str, memfd: int) -> bool:
     try:
-        if feature == "error_reads":
-            with _scratch(_flakey(error_reads=True)) as (path, _):
-                try:
-                    _io(path)
-                except OSError as exc:
-                    return exc.errno == errno.EIO
-                return False
-        if feature == "corrupt_bio_byte_read":
-            spec = CorruptBIOByte(1, Direction.READ, _PATTERN ^ 0xFF)
-            with _scratch(_flakey(corrupt_bio_byte=spec)) as (path, _):
-                return _io(path)[0] == _PATTERN ^ 0xFF
-        if feature == "random_read_corrupt":
-            with _scratch(_flakey(random_read_corrupt=PROBABILITY_MAX)) as (path, _):
-                return any(_differs_from_pattern(_io(path)) for _ in range(attempts))
-        if feature == "random_write_corrupt":
-            with _scratch(_flakey(random_write_corrupt=PROBABILITY_MAX)) as (path, memfd):
-                for _ in range(attempts):
-                    _io(path, bytes([_PATTERN]) * _BLOCK)
-                    if _differs_from_pattern(os.pread(memfd, _BLOCK, 0)):
-                        return True
-                return False
-        if feature == "delay_flush":
-            table = lambda backing: (0, _SCRATCH_BYTES // 512, "delay",  # noqa: E731
-                                     DelayTable(backing, 0, 0, 0, _FLUSH_PROBE_MS).params())
-            with _scratch(table) as (path, _):
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    started = time.monotonic()
-                    os.fsync(fd)   # a flush of the device: held back by the flush delay only
-                    return time.monotonic() - started >= _FLUSH_PROBE_MS / 1000 * 0.9
-                finally:
-                    os.close(fd)
-    except DMFlakeyError as exc:
-        if exc.errno == errno.EINVAL:   # the kernel refused the table: no such feature
-            return False
-        raise
-    raise ValueError(f"unknown feature {feature!r}")
+        _io(path)
+    except OSError as exc:
+        return exc.errno == errno.EIO
+    return False
+
+
+_ATTEMPTS = 3   # a random corruption may write the value that was there already (1 in 256)
+
+
+def _reads_corrupted(path: str, memfd: int) -> bool:
+    return any(_differs_from_pattern(_io(path)) for _ in range(_ATTEMPTS))
+
+
+def _writes_corrupted(path: str, memfd: int) -> bool:
+    for _ in range(_ATTEMPTS):
+        _io(path, bytes([_PATTERN]) * _BLOCK)
+        if _differs_from_pattern(os.pread(memfd, _BLOCK, 0)):
+            return True
+    return False
+
+
+def _first_byte_read_as(value: int) -> Callable[[str, int], bool]:
+    return lambda path, memfd: _io(path)[0] == value and os.pread(memfd, 1, 0)[0] == _PATTERN
+
+
+def _flush_held_back(path: str, memfd: int) -> bool:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        started = time.monotonic()
+        os.fsync(fd)   # a flush of the device: held back by the flush delay alone
+        return time.monotonic() - started >= _FLUSH_PROBE_MS / 1000 * 0.9
+    finally:
+        os.close(fd)
+
+
+PROBES: Dict[str, Probe] = {
+    "error_reads": Probe(_flakey(error_reads=True), _reads_fail),
+    "corrupt_bio_byte_read": Probe(
+        _flakey(corrupt_bio_byte=CorruptBIOByte(1, Direction.READ, _PATTERN ^ 0xFF)),
+        _first_byte_read_as(_PATTERN ^ 0xFF)),
+    "random_read_corrupt": Probe(_flakey(random_read_corrupt=PROBABILITY_MAX), _reads_corrupted),
+    "random_write_corrupt": Probe(_flakey(random_write_corrupt=PROBABILITY_MAX), _writes_corrupted),
+    "delay_flush": Probe(lambda backing: (0, _SCRATCH_BYTES // 512, "delay", DelayTable(
+        backing, 0, 0, 0, _FLUSH_PROBE_MS).params()), _flush_held_back),
+}
 
 
 def supported(feature: str, *, probe: Optional[Callable[[str], bool]] = None) -> bool:
@@ -171,7 +204,7 @@ def supported(feature: str, *, probe: Optional[Callable[[str], bool]] = None) ->
         raise ValueError(f"unknown feature {feature!r}")
     with _lock:
         if feature not in _cache:
-            _cache[feature] = (probe or _probe)(feature)
+            _cache[feature] = probe(feature) if probe else PROBES[feature].run()
         return _cache[feature]
 
 

@@ -32,7 +32,7 @@ from .errors import (DeviceExistsError, DeviceNotFoundError, DMFlakeyError, Inva
                      InvalidNameError)
 from .fs import FSType
 from .images import BackingImage, attach_image, backing_of, create_image, delete_image
-from .kernel import dm, loop, mountinfo
+from .kernel import blockdev, dm, mountinfo
 from .kernel.dm import check_device_mapper
 from .ownership import Kind, Owner
 from .tables.delay import DelayTable
@@ -241,7 +241,7 @@ class Flakey:
         table = self._device_table(operation, args, ranges)
         for feature in features.needed(table.fault):
             features.require(feature, self.name)
-        swap = self._control.prepare_swap(dm.ByUuid(self.uuid), table.targets(), lockfs=sync_fs,
+        swap = self._control.prepare_swap(dm.ByUuid(self.uuid, self.name), table.targets(), lockfs=sync_fs,
                                           dev=self.dev)
         try:
             if len(self._swaps) >= _SWAP_CACHE:
@@ -341,7 +341,7 @@ class Flakey:
     def table(self) -> DeviceTable:
         """The live table, read back from the kernel: one segment, or a scoped fault's segments."""
         try:
-            targets = self._control.table(dm.ByUuid(self.uuid))
+            targets = self._control.table(dm.ByUuid(self.uuid, self.name))
         except DeviceNotFoundError:
             raise self._gone("table") from None
         return DeviceTable.parse(targets)
@@ -399,16 +399,16 @@ def _block_device(path: str, operation: str, name: str) -> Tuple[str, int]:
         raise DMFlakeyError(operation, name, f"cannot stat {path}", exc.errno) from None
     if not stat.S_ISBLK(st.st_mode):
         raise InvalidArgumentError(operation, name, f"{path} is not a block device")
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", loop.device_size(path) // 512
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", blockdev.size(path) // 512
 
 
 def _create_device(name: str, uuid: str, backing: str, sectors: int, undo: ExitStack) -> int:
     """The dm device with a pass-through flakey table; returns its number."""
     info = dm.create(name, uuid=uuid)
-    undo.callback(dm.remove, dm.ByUuid(uuid))
-    dm.load(dm.ByUuid(uuid), DeviceTable.whole(sectors, FlakeyTable(backing, DEFAULT_INTERVAL, 0))
+    undo.callback(dm.remove, dm.ByUuid(uuid, name))
+    dm.load(dm.ByUuid(uuid, name), DeviceTable.whole(sectors, FlakeyTable(backing, DEFAULT_INTERVAL, 0))
             .targets())
-    dm.resume(dm.ByUuid(uuid))
+    dm.resume(dm.ByUuid(uuid, name))
     return info.dev
 
 
@@ -465,9 +465,9 @@ def init_flakey_image(name: str, image_path: str,
         if fs_kind is not None:
             fs.mkfs(image_path, fs_kind, mkfs_options)
         lo, image = attach_image(image_path, identity, operation, name)
-        with lo:  # autoclear: the loop device stays bound once the dm table holds it
-            dev = _create_device(name, uuid, image.major_minor, lo.size // 512, undo)
-            lo.close()
+        undo.callback(lo.close)  # autoclear: once the table holds it, closing leaves it bound
+        dev = _create_device(name, uuid, image.major_minor, lo.size // 512, undo)
+        lo.close()
         undo.pop_all()
     return Flakey(name, uuid, dev, image.major_minor, lo.size // 512, owner=owner, image=image,
                   filesystem=fs_kind)
@@ -495,7 +495,7 @@ def open_flakey(name: str) -> Flakey:
         raise InvalidNameError("open_flakey", name, f"not a flakey device made by dmflakey-ioctl "
                                f"(uuid {info.uuid!r})")
     try:
-        table = DeviceTable.parse(dm.table(dm.ByUuid(info.uuid)))
+        table = DeviceTable.parse(dm.table(dm.ByUuid(info.uuid, name)))
     except InvalidArgumentError as exc:
         raise DMFlakeyError("open_flakey", name, f"its table is not one this library makes: "
                             f"{exc.cause}") from None

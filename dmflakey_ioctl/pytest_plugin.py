@@ -1,4 +1,5 @@
-"""pytest plugin (entry point ``dmflakey``): fixtures ``flakey`` and ``flakey_factory``.
+"""pytest plugin (entry point ``dmflakey``): fixtures ``flakey``, ``flakey_factory``,
+``crash_recorder`` and ``crash_recorder_factory``.
 
 pytest loads it in every session wherever the package is installed, so it
 imports the library only when needed and never opens /dev/mapper/control
@@ -21,9 +22,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, 
 import pytest
 
 if TYPE_CHECKING:
+    from .crashreport import CrashReport
     from .flakey import Flakey
+    from .recording import Recording
+    from .writelog import WriteLog
 
-__all__ = ["flakey", "flakey_factory", "unavailable_reason", "DEFAULT_SIZE"]
+__all__ = ["flakey", "flakey_factory", "crash_recorder", "crash_recorder_factory", "CrashRecorder",
+           "unavailable_reason", "DEFAULT_SIZE"]
 
 DEFAULT_SIZE = 64 << 20
 """Image size when none is given (raised to the filesystem's minimum, e.g. 320 MiB for XFS)."""
@@ -100,11 +105,7 @@ def flakey_factory(tmp_path: Path) -> Iterator[FlakeyFactory]:
     DEFAULT_SIZE or the filesystem's minimum.  Teardown runs also when the
     test fails, unmounting what the test left mounted.
     """
-    if not _required():
-        reason = unavailable_reason()
-        if reason:
-            pytest.skip(f"dm-flakey fixtures: {reason}")
-    from .errors import DMFlakeyError
+    _skip_without_kernel("dm-flakey fixtures")
     from .flakey import init_flakey
     from .fs import MIN_SIZE, FSType
     made: List[Flakey] = []
@@ -124,10 +125,23 @@ def flakey_factory(tmp_path: Path) -> Iterator[FlakeyFactory]:
         return dev
 
     yield make
+    _teardown_all(made)
+
+
+def _skip_without_kernel(what: str) -> None:
+    if not _required():
+        reason = unavailable_reason()
+        if reason:
+            pytest.skip(f"{what}: {reason}")
+
+
+def _teardown_all(made: Sequence[object]) -> None:
+    """Tear down everything made, newest first; the first error is raised once all were tried."""
+    from .errors import DMFlakeyError
     errors: List[DMFlakeyError] = []
-    for dev in reversed(made):
+    for thing in reversed(made):
         try:
-            dev.teardown()
+            thing.teardown()  # type: ignore[attr-defined]
         except DMFlakeyError as exc:
             errors.append(exc)
     if errors:
@@ -138,3 +152,92 @@ def flakey_factory(tmp_path: Path) -> Iterator[FlakeyFactory]:
 def flakey(flakey_factory: FlakeyFactory) -> Flakey:
     """A flakey device with ext4 on a small image, letting all I/O through; torn down after."""
     return flakey_factory()
+
+
+class CrashRecorder:
+    """A recording device for one test, mounted at ``mount_point``; explore it after the workload.
+
+    ``explore(check, **options)`` stops the recording, checks every crash
+    state (see :func:`dmflakey_ioctl.explore`), writes the HTML report next to
+    the test's tmp dir, and fails the test with the report's summary and first
+    failures when any state failed.  ``stop()`` gives the WriteLog instead, for
+    a test that looks at the log itself.
+    """
+
+    def __init__(self, recording: "Recording", mount_point: str, mount_options: str,
+                 report_dir: Path) -> None:
+        self.recording = recording
+        self.mount_point = mount_point
+        self.mount_options = mount_options
+        self.report_dir = report_dir
+        self.report_path: Optional[Path] = None
+        self._log: Optional["WriteLog"] = None
+
+    def mark(self, label: str) -> None:
+        """Log a mark (a point ``explore(points="mark")`` and replays can name)."""
+        self.recording.mark(label)
+
+    def stop(self) -> "WriteLog":
+        """Unmount and stop recording (once); the log, owned by this fixture."""
+        if self._log is None:
+            self._log = self.recording.stop()
+        return self._log
+
+    def explore(self, check: Callable[[str], object], **options: object) -> "CrashReport":
+        """Check every crash state; fail the test when one fails.  options go to explore()."""
+        from .explorer import explore
+        options.setdefault("mount_options", self.mount_options)
+        report = explore(self.stop(), check, **options)  # type: ignore[arg-type]
+        self.report_path = self.report_dir / "crash-report.html"
+        report.write_html(self.report_path)
+        if report.failures:
+            pytest.fail(f"{report.summary()}\n{report.describe_failures()}\n"
+                        f"HTML report: {self.report_path}", pytrace=False)
+        return report
+
+    def teardown(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        self.recording.teardown()
+
+
+CrashRecorderFactory = Callable[..., CrashRecorder]
+
+
+@pytest.fixture
+def crash_recorder_factory(tmp_path: Path) -> Iterator[CrashRecorderFactory]:
+    """Make recording devices under tmp_path, each mounted; all torn down after the test.
+
+    Call it as ``crash_recorder_factory(fs_type="ext4", size=None,
+    mount_options="", mkfs_options=None)``; the default size is DEFAULT_SIZE
+    or the filesystem's minimum.
+    """
+    _skip_without_kernel("crash_recorder")
+    from .fs import MIN_SIZE, FSType
+    from .recording import record_writes
+    made: List[CrashRecorder] = []
+
+    def make(fs_type: Union[FSType, str] = "ext4", size: Optional[int] = None,
+             mount_options: str = "",
+             mkfs_options: Union[Sequence[str], str, None] = None) -> CrashRecorder:
+        if size is None:
+            size = max(DEFAULT_SIZE, MIN_SIZE[FSType(fs_type)])
+        name = f"dmflakey-rec-{os.getpid()}-{next(_names)}"
+        directory = tmp_path / name
+        directory.mkdir()
+        recording = record_writes(name, str(directory), fs_type, size, mkfs_options=mkfs_options)
+        mount_point = directory / "mnt"
+        mount_point.mkdir()
+        recorder = CrashRecorder(recording, str(mount_point), mount_options, directory)
+        made.append(recorder)
+        recording.mount(str(mount_point), mount_options)
+        return recorder
+
+    yield make
+    _teardown_all(made)
+
+
+@pytest.fixture
+def crash_recorder(crash_recorder_factory: CrashRecorderFactory) -> CrashRecorder:
+    """A recording ext4 device, mounted at ``crash_recorder.mount_point``; torn down after."""
+    return crash_recorder_factory()

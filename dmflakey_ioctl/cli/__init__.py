@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..kernel.dm import check_device_mapper
-from . import devices
+from . import devices, logs
 from .args import PROG, Parser, UsageError, parse_probability, parse_size
 from .devices import table_features, table_mode
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     devices.register(sub, common)
+    logs.register(sub, common)
     return parser
 
 

@@ -13,7 +13,9 @@ from ..errors import DeviceNotFoundError, DMFlakeyError
 from ..flakey import (DEFAULT_INTERVAL, Flakey, attach_flakey, cleanup_stale, init_flakey_image,
                       open_flakey)
 from ..fs import FSType
-from ..ownership import Kind, Verdict
+from ..kernel import dm
+from ..ownership import Kind, Owner, Verdict
+from ..recording import Recording, open_recording
 from ..tables.delay import DelayTable
 from ..tables.flakey import PROBABILITY_MAX, FlakeyTable
 from ..tables.segments import DeviceTable
@@ -152,8 +154,34 @@ def _flakey_status(dev: Flakey) -> Dict[str, Any]:
     }
 
 
+def _open_any(name: str) -> Any:
+    """The Flakey or the Recording a device of ours is, by the kind its uuid records."""
+    owner = Owner.from_uuid(dm.info(name).uuid)
+    if owner is not None and owner.kind is Kind.RECORDING:
+        return open_recording(name)
+    return open_flakey(name)
+
+
+def describe_recording(rec: Any) -> Dict[str, Any]:
+    """What status shows for a recording."""
+    status = rec.status()
+    return {"name": rec.name, "kind": "recording", "uuid": rec.uuid, "device": rec.device_path,
+            "image": rec.image_path, "log": rec.log_path, "size": rec.size,
+            "log_size": rec.log_size, "sector_size": rec.sector_size, "entries": status.entries,
+            "logging_disabled": status.logging_disabled, "owner": rec.owner.describe(),
+            "mount_points": rec.mount_points()}
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
-    dev = open_device(args, open_flakey)
+    dev = open_device(args, _open_any)
+    if isinstance(dev, Recording):
+        status = describe_recording(dev)
+        if args.json:
+            _print_json(status)
+        else:
+            for key, value in status.items():
+                print(f"{key.replace('_', ' ') + ':':<18}{value}")
+        return EXIT_OK
     status = _flakey_status(dev)
     if args.json:
         _print_json(status)
@@ -209,12 +237,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    dev = open_device(args, open_flakey)
+    dev = open_device(args, _open_any)
     mounted = dev.mount_points()
     dev.teardown()
     for point in mounted:
         print(f"unmounted {point}")
-    if dev.image_path:
+    if isinstance(dev, Recording):
+        print(f"removed {dev.name}: {dev.device_path}, data {dev.image_path}, log {dev.log_path}")
+    elif dev.image_path:
         print(f"removed {dev.name}: {dev.device_path}, {dev.loop_device}, image {dev.image_path}")
     else:
         print(f"removed {dev.name}: {dev.device_path} (backing device {dev.backing} left as it was)")
@@ -336,9 +366,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                            metavar="N", help=f"{kind} delay in milliseconds (default 0)")
 
     status = sub.add_parser("status", parents=[common], help="show a device as the kernel has it",
-                            description="Show a flakey device as the kernel has it: backing, image, "
-                            "owner, mounts, mode and every table segment.")
-    status.add_argument("name", type=device_name, help="the flakey device")
+                            description="Show a device as the kernel has it: for a flakey device its "
+                            "backing, image, owner, mounts, mode and every table segment; for a "
+                            "recording its images and the entries logged.")
+    status.add_argument("name", type=device_name, help="the device")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_cmd_status)
 
@@ -371,9 +402,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     demo = sub.add_parser("demo", parents=[common], help="show a power failure in seconds",
                           description="Show on a throwaway device what survives a power cut.")
-    demo.add_argument("--scenario", choices=["files", "sqlite"], default="files",
+    demo.add_argument("--scenario", choices=["files", "sqlite", "rename"], default="files",
                       help="files: a synced and an unsynced file; sqlite: WAL with "
-                      "synchronous=FULL vs OFF (default files)")
+                      "synchronous=FULL vs OFF; rename: every crash state of an atomic save, "
+                      "with and without fsync before the rename (default files)")
     demo.add_argument("--transactions", type=integer("transactions", 1, 100000), default=100,
                       metavar="N", help="transactions per database in the sqlite scenario "
                       "(default 100)")

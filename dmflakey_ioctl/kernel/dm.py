@@ -291,10 +291,12 @@ class ByUuid:
     """Address a device by its uuid rather than its name.
 
     A device that was removed and made again under the same name has another
-    uuid, so a request addressed this way can never reach the newcomer.
+    uuid, so a request addressed this way can never reach the newcomer.  The
+    name, when given, is only what errors call the device.
     """
 
     uuid: str
+    name: Optional[str] = None
 
 
 DeviceRef = Union[str, ByUuid]
@@ -309,7 +311,8 @@ def _address(device: DeviceRef, operation: str) -> tuple[bytes, bytes, str]:
     The label names the device in errors: its name, or ``uuid <uuid>``.
     """
     if isinstance(device, ByUuid):
-        return b"", _check_text(device.uuid, "uuid", UUID_MAX, operation), f"uuid {device.uuid}"
+        return (b"", _check_text(device.uuid, "uuid", UUID_MAX, operation),
+                device.name or f"uuid {device.uuid}")
     return check_name(device, operation), b"", device
 
 
@@ -671,7 +674,7 @@ class Control:
         at its last close), True when it is gone.
         """
         info = self.info(device)
-        target: DeviceRef = ByUuid(info.uuid) if info.uuid else info.name
+        target: DeviceRef = ByUuid(info.uuid, info.name) if info.uuid else info.name
         flags = Flag.DEFERRED_REMOVE if deferred else 0
         delay = 0.005
         retries = max(retries, 0)
@@ -685,10 +688,9 @@ class Control:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
-        gone = not reply.flags & Flag.DEFERRED_REMOVE
-        if gone:
-            nodes.remove_node(info.path, info.dev)
-        return gone
+        # a deferred removal keeps the device until its last close; its node can go now
+        nodes.remove_node(info.path, info.dev)
+        return not reply.flags & Flag.DEFERRED_REMOVE
 
     def clear(self, device: DeviceRef) -> None:
         """Drop the inactive (loaded but not resumed) table."""

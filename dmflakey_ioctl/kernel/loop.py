@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import nodes
+from . import blockdev, nodes
 from ..errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, \
     KernelSupportError, NotRootError, opened
 
 __all__ = ["LoopDevice", "attach", "attach_fd", "detach", "info", "by_dev", "bound_identity", "wait_unbound",
-           "device_size", "LOOP_MAJOR"]
+           "LOOP_MAJOR"]
 
 LOOP_MAJOR = 7
 LOOP_CONTROL = "/dev/loop-control"
@@ -36,7 +36,6 @@ LOOP_SET_DIRECT_IO = 0x4C08
 LOOP_SET_BLOCK_SIZE = 0x4C09
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
-BLKGETSIZE64 = 0x80081272
 
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
@@ -233,17 +232,8 @@ def _configure(fd: int, backing: int, flags: int, block_size: int, name: str) ->
 
 def _size(fd: int) -> int:
     buf = bytearray(8)
-    fcntl.ioctl(fd, BLKGETSIZE64, buf)
+    fcntl.ioctl(fd, blockdev.BLKGETSIZE64, buf)
     return struct.unpack("=Q", buf)[0]
-
-
-def device_size(path: str) -> int:
-    """Size in bytes of a block device (BLKGETSIZE64)."""
-    with opened(path, "get size", "cannot open the device") as fd:
-        try:
-            return _size(fd)
-        except OSError as exc:
-            raise DMFlakeyError("get size", path, "BLKGETSIZE64 failed", exc.errno) from None
 
 
 def _index(path: str, operation: str) -> int:

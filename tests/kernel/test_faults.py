@@ -22,7 +22,8 @@ from dmflakey_ioctl import fs
 
 from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import DeviceBusyError, DMFlakeyError, InvalidArgumentError, TableRejectedError
-from dmflakey_ioctl.flakey import KIND_IMAGE, Owner, cleanup_stale, init_flakey
+from dmflakey_ioctl.flakey import cleanup_stale, init_flakey
+from dmflakey_ioctl.ownership import Kind, Owner
 from dmflakey_ioctl.tables.flakey import FlakeyTable
 
 from .helpers import dm_names, unique_name
@@ -104,7 +105,7 @@ def test_sigkilled_owner_leaves_devices_that_cleanup_stale_removes(tmp_path, sta
 
     def body() -> None:
         if state == "created without a table":  # killed between DM_DEV_CREATE and the table load
-            dm.create(name, uuid=Owner.current(KIND_IMAGE).uuid())
+            dm.create(name, uuid=Owner.current(Kind.FLAKEY_IMAGE).uuid())
             return
         dev = init_flakey(name, str(tmp_path), "ext4" if state.startswith("mounted") else None, size=16 * MiB)
         if state.startswith("mounted"):
@@ -216,7 +217,7 @@ def test_sync_fs_switch_that_cannot_freeze_leaves_the_old_table(tmp_path):
         assert info.live_table and not info.suspended and not info.inactive_table, info
         assert dm.table(dev.name) == before
         dev.allow_writes()  # without the freeze the switch goes through
-        assert dev.table().equivalent(FlakeyTable(dev.backing, 120, 0))
+        assert dev.table().fault.equivalent(FlakeyTable(dev.backing, 120, 0))
     finally:
         dev.teardown()
     assert not mounted(mnt) and leftovers(prefix, tmp_path) == {}

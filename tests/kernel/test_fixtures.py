@@ -42,7 +42,7 @@ def loses_unsynced(dev, mnt: Path, options: str) -> None:
 def test_flakey_is_a_ready_ext4_device(flakey, tmp_path):
     assert flakey.filesystem.value == "ext4"
     assert Path(flakey.device_path).exists() and Path(flakey.image_path).parent == tmp_path
-    assert not flakey.table().drop_writes and flakey.table().down_interval == 0
+    assert not flakey.table().fault.drop_writes and flakey.table().fault.down_interval == 0
     loses_unsynced(flakey, tmp_path / "mnt", OPTIONS["ext4"])
 
 

@@ -29,11 +29,12 @@ from dmflakey_ioctl import features, fs
 from dmflakey_ioctl.kernel import dm
 from dmflakey_ioctl.errors import (DeviceBusyError, DeviceExistsError, DMFlakeyError, InvalidArgumentError,
                                    TableRejectedError, UnsupportedFeatureError)
-from dmflakey_ioctl.flakey import UUID_PREFIX, Flakey, cleanup_stale, init_flakey, open_flakey
+from dmflakey_ioctl.flakey import Flakey, cleanup_stale, init_flakey, open_flakey
+from dmflakey_ioctl.ownership import UUID_PREFIX, Verdict
 from dmflakey_ioctl.fs import FSType
 from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, FlakeyTable
 
-from .helpers import dm_names, unique_name
+from .helpers import dm_names, expected_support, unique_name
 
 MiB = 1 << 20
 SIZE = {FSType.EXT4: 64 * MiB, FSType.XFS: fs.MIN_SIZE[FSType.XFS], FSType.BTRFS: fs.MIN_SIZE[FSType.BTRFS],
@@ -43,7 +44,6 @@ OPTIONS = {FSType.EXT4: "commit=1000", FSType.XFS: "", FSType.BTRFS: ""}
 CHUNK = 64 * 1024          # one O_DIRECT call of this size is one bio
 BASE = 1 * MiB             # raw-device tests stay clear of sector 0
 FITHAW = 0xC0045878        # _IOWR('X', 120, int)
-NEWER = ("error_reads", "random_read_corrupt", "random_write_corrupt")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def assert_gone(name: str, image: Optional[str]) -> None:
 
 def assert_table(dev: Flakey, expected: FlakeyTable) -> None:
     """The live table is expected (a table without features reads back as error_reads error_writes)."""
-    live = dev.table()
+    live = dev.table().fault
     assert live.equivalent(expected), f"live {live.params()!r}, expected {expected.params()!r}"
 
 
@@ -289,7 +289,7 @@ def test_init_mount_write_teardown_leaves_nothing(make, mnt, fs_type):
     assert os.stat(image).st_blocks * 512 < SIZE[fs_type] // 2, "the image is not sparse"
     assert dm.info(name).uuid.startswith(UUID_PREFIX)
     assert dev.filesystem is fs_type and fs.detect_fs(dev.device_path) is fs_type
-    live = dev.table()
+    live = dev.table().fault
     assert live.device == dev.backing and live.down_interval == 0 and live.up_interval > 0
 
     dev.mount(str(mnt), OPTIONS[fs_type])
@@ -340,7 +340,7 @@ def test_open_flakey_reads_a_device_back_from_the_kernel(make):
     assert (again.loop_device, again.image_path, again.backing, again.sectors, again.filesystem) == \
         (dev.loop_device, dev.image_path, dev.backing, dev.sectors, FSType.EXT4)
     assert again.owner == dev.owner and again.owner.pid == os.getpid()
-    assert again.table() == FlakeyTable(dev.backing, 3, 9, drop_writes=True)
+    assert again.table().fault == FlakeyTable(dev.backing, 3, 9, drop_writes=True)
     again.allow_writes(interval=11)  # both handles drive the same kernel device
     assert_table(dev, FlakeyTable(dev.backing, 11, 0))
     again.teardown()  # the read-back handle knows everything there is to remove
@@ -413,7 +413,7 @@ def test_error_writes_fails_fsync_then_allow_writes_recovers(make, mnt, fs_type)
     write_file(mnt / "before", before, sync=True)
 
     dev.error_writes()
-    assert dev.table().error_writes
+    assert dev.table().fault.error_writes
     # fsync of the file only: a syncfs here would abort ext4's journal (kernel-behaviour.md)
     expect_eio(lambda: write_file(mnt / "failed", os.urandom(CHUNK), sync=True))
     assert (mnt / "before").read_bytes() == before  # reads pass
@@ -485,11 +485,13 @@ def test_sync_fs_flushes_the_filesystem_before_the_switch(make, mnt, sync_fs):
 
 def test_error_reads_fails_uncached_reads_while_writes_pass(make):
     dev = make(None)
+    if refused_here(dev, "error_reads", dev.error_reads):
+        return
     old, new = os.urandom(CHUNK), os.urandom(CHUNK)
     with Direct(dev.device_path) as io:
         io.write(BASE, old)
         dev.error_reads()
-        assert dev.table() == FlakeyTable(dev.backing, 0, 120, error_reads=True)
+        assert dev.table().fault == FlakeyTable(dev.backing, 0, 120, error_reads=True)
         expect_eio(lambda: io.read(BASE))
         io.write(BASE + CHUNK, new)
         assert image_bytes(dev, BASE + CHUNK) == new
@@ -508,13 +510,15 @@ def test_error_reads_fails_uncached_reads_while_writes_pass(make):
 
 def test_corrupt_bio_byte_read_changes_one_byte_of_what_is_read(make):
     dev = make(None)
+    if refused_here(dev, "corrupt_bio_byte_read", lambda: dev.corrupt_bio_byte(1, "r", 0)):
+        return
     data = os.urandom(CHUNK)
     nth = 1000
     value = data[nth - 1] ^ 0x5A
     with Direct(dev.device_path) as io:
         io.write(BASE, data)
         dev.corrupt_bio_byte(nth, "r", value)
-        assert dev.table().corrupt_bio_byte == CorruptBIOByte(nth, "r", value, 0)
+        assert dev.table().fault.corrupt_bio_byte == CorruptBIOByte(nth, "r", value, 0)
         got = io.read(BASE)
         assert diff(got, data) == [nth - 1] and got[nth - 1] == value
         # each bio gets its own corrupted byte, counted from the bio's start
@@ -557,12 +561,14 @@ CHUNKS = 8  # the random byte may by chance get its old value (1 in 256): count 
 
 def test_random_read_corrupt(make):
     dev = make(None)
+    if refused_here(dev, "random_read_corrupt", lambda: dev.random_read_corrupt(1.0)):
+        return
     chunks = [os.urandom(CHUNK) for _ in range(CHUNKS)]
     with Direct(dev.device_path) as io:
         for i, chunk in enumerate(chunks):
             io.write(BASE + i * CHUNK, chunk)
         dev.random_read_corrupt(1.0)
-        assert dev.table().random_read_corrupt == PROBABILITY_MAX
+        assert dev.table().fault.random_read_corrupt == PROBABILITY_MAX
         got = [io.read(BASE + i * CHUNK) for i in range(CHUNKS)]
         assert corrupted_chunks(got, chunks) >= CHUNKS - 2
         assert image_bytes(dev, BASE, CHUNKS * CHUNK) == b"".join(chunks)
@@ -578,10 +584,12 @@ def test_random_read_corrupt(make):
 
 def test_random_write_corrupt(make):
     dev = make(None)
+    if refused_here(dev, "random_write_corrupt", lambda: dev.random_write_corrupt(1.0)):
+        return
     chunks = [os.urandom(CHUNK) for _ in range(CHUNKS)]
     with Direct(dev.device_path) as io:
         dev.random_write_corrupt(1.0)
-        assert dev.table().random_write_corrupt == PROBABILITY_MAX
+        assert dev.table().fault.random_write_corrupt == PROBABILITY_MAX
         for i, chunk in enumerate(chunks):
             assert io.write(BASE + i * CHUNK, chunk) == chunk
         dev.allow_writes()
@@ -726,34 +734,74 @@ def test_a_table_the_kernel_rejects_keeps_the_old_table_and_the_data(make, mnt):
 
 # ---- features -----------------------------------------------------------------------------------------
 
-def test_the_probe_finds_the_newer_features_on_this_kernel(feature_cache):
+@pytest.mark.parametrize("feature", list(features.FEATURE_SINCE))
+def test_the_probe_tells_what_this_kernel_has(feature, feature_cache):
     before = dm_names()
-    for feature in NEWER:
-        assert features.supported(feature) is True, f"{feature} on {os.uname().release}"
-    assert dm_names() == before  # the probe's scratch devices are gone
+    assert features.supported(feature) is expected_support(feature), \
+        f"{feature} on {os.uname().release}"
+    assert dm_names() == before  # the probe's scratch devices are gone (the session checks loops)
+
+
+def test_the_probe_says_no_to_a_refused_table_and_to_an_inert_one():
+    def reads_the_backing_data(path, memfd):
+        with open(path, "rb", buffering=0) as fh:
+            return fh.read(4096) == os.pread(memfd, 4096, 0)
+
+    def reads_something_else(path, memfd):
+        return not reads_the_backing_data(path, memfd)
+
+    refused = features.Probe(lambda backing: (0, 128, "flakey", f"{backing} 0 0 1 1 no_such_feature"),
+                             reads_the_backing_data)
+    assert refused.run() is False  # the kernel said EINVAL
+    inert = features.Probe(lambda backing: (0, 128, "flakey", f"{backing} 0 1 0 0"),
+                           reads_something_else)
+    assert inert.run() is False    # taken, but the effect never showed
+    working = features.Probe(lambda backing: (0, 128, "flakey", f"{backing} 0 1 0 0"),
+                             reads_the_backing_data)
+    assert working.run() is True   # the same device, with an effect that is really there
+
+
+def refused_here(dev: Flakey, feature: str, call: Callable[[], None]) -> bool:
+    """On a kernel without feature: True once the switch was refused and nothing changed."""
+    if expected_support(feature):
+        return False
+    before = dev.table()
+    with pytest.raises(UnsupportedFeatureError) as info:
+        call()
+    err = info.value
+    assert (err.feature, err.since, err.running) == (feature, features.FEATURE_SINCE[feature],
+                                                     os.uname().release)
+    assert err.since in str(err) and err.running in str(err) and dev.name in str(err)
+    assert dev.table() == before and not dm.info(dev.name).suspended
+    return True
 
 
 def test_a_missing_feature_is_refused_before_any_change(make, feature_cache):
     dev = make(None)
     dev.allow_writes(interval=33)
     before = dev.table()
-    for feature in NEWER:
+    for feature in features.FEATURE_SINCE:
         assert features.supported(feature, probe=lambda f: False) is False
     running = os.uname().release
     for feature, call in [("error_reads", dev.error_reads),
                           ("random_read_corrupt", lambda: dev.random_read_corrupt(1.0)),
-                          ("random_write_corrupt", lambda: dev.random_write_corrupt(0.25))]:
+                          ("random_write_corrupt", lambda: dev.random_write_corrupt(0.25)),
+                          ("corrupt_bio_byte_read", lambda: dev.corrupt_bio_byte(1, "r", 7)),
+                          ("delay_flush", lambda: dev.delay(write_ms=5, flush_ms=0))]:
         with pytest.raises(UnsupportedFeatureError) as info:
             call()
         err = info.value
         since = features.FEATURE_SINCE[feature]
         assert (err.feature, err.since, err.running) == (feature, since, running)
-        assert feature in str(err) and since in str(err) and running in str(err) and dev.name in str(err)
+        assert since in str(err) and running in str(err) and dev.name in str(err)
         assert dev.table() == before and not dm.info(dev.name).suspended
-    assert features.FEATURE_SINCE["error_reads"] == "6.4"
     # a probability of 0 corrupts nothing, so needs no feature: a pass-through switch
     dev.random_read_corrupt(0.0, up_interval=4)
     assert_table(dev, FlakeyTable(dev.backing, 4, 0))
+    # write-direction corruption and delays with flushes like writes exist everywhere
+    dev.corrupt_bio_byte(1, "w", 7)
+    dev.delay(read_ms=1, write_ms=2, flush_ms=2)
+    dev.allow_writes()
 
 
 # ---- stale devices ------------------------------------------------------------------------------------
@@ -791,7 +839,7 @@ def test_cleanup_stale_removes_a_killed_owner_s_device_only(make, tmp_path):
         os.waitpid(pid, 0)
         pid = 0
         assert name in dm_names() and bound_loops(image) == [os.path.basename(loop_device)]
-        assert not open_flakey(name).owner.alive()
+        assert open_flakey(name).owner.verdict() is Verdict.STALE
 
         removed = cleanup_stale()
         assert removed == [name]

@@ -83,7 +83,7 @@ def test_64_devices_at_once_all_switched_then_all_torn_down(tmp_path):
         for dev in devs:
             dev.drop_writes()
         for i, dev in enumerate(devs):
-            table = dev.table()
+            table = dev.table().fault
             assert table.drop_writes and table.down_interval > 0 and table.up_interval == 0, (dev.name, table)
             assert not dm.info(dev.name).suspended
             # ... and, switched, acknowledges writes but keeps them off the image
@@ -96,7 +96,7 @@ def test_64_devices_at_once_all_switched_then_all_torn_down(tmp_path):
         for i, dev in enumerate(devs):
             assert _image_block(dev) == _block("kept", i), dev.name
             dev.allow_writes()
-            table = dev.table()
+            table = dev.table().fault
             assert not table.drop_writes and table.up_interval > 0 and table.down_interval == 0, (dev.name, table)
     finally:
         problems = []
@@ -119,7 +119,7 @@ def _cycles(prefix: str, directory: str, worker: int) -> List[str]:
                 dev.drop_writes()
                 dev.error_writes(interval=5, up_interval=1)
                 dev.allow_writes()
-                assert not dev.table().drop_writes
+                assert not dev.table().fault.drop_writes
             finally:
                 dev.teardown()
         except Exception:  # noqa: BLE001 - reported to the parent

@@ -246,9 +246,11 @@ def test_a_bad_argument_is_refused_before_the_feature_probe(no_kernel, monkeypat
     """Argument errors come first: refusing them needs no probe (whose scratch devices are ioctls)."""
     features.reset_cache()
     try:
-        def probe(feature):
-            raise AssertionError(f"probed the kernel for {feature} in a call that had to be refused anyway")
-        monkeypatch.setattr(features, "_probe", probe)
+        class Exploding:
+            def run(self):
+                raise AssertionError("probed the kernel in a call that had to be refused anyway")
+        for name in features.PROBES:
+            monkeypatch.setitem(features.PROBES, name, Exploding())
         dev = make_dev()
         with pytest.raises(InvalidArgumentError) as info:
             call(dev)

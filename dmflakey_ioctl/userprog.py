@@ -1,0 +1,33 @@
+"""Running a program the user named: an fsck for every crash state, a check command.
+
+The library itself runs no program but mkfs.  A program the caller names
+explicitly (``fsck=["e2fsck", "-fn"]``, ``dmflakey explore --check CMD``) is run
+here, with stdin from a pipe (no /dev/null needed) and its output captured.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from typing import Sequence, Tuple
+
+from .errors import InvalidArgumentError, ProgramNotFoundError
+
+__all__ = ["run_user_program"]
+
+
+def run_user_program(argv: Sequence[str], operation: str, timeout: float = 600.0
+                     ) -> Tuple[int, str]:
+    """(exit status, output) of argv; a program that cannot be started is ProgramNotFoundError."""
+    if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
+        raise InvalidArgumentError(operation, None, f"a program is an argv list of strings, got "
+                                   f"{argv!r}")
+    try:
+        result = subprocess.run(list(argv), input=b"", stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=timeout)
+    except FileNotFoundError:
+        raise ProgramNotFoundError(operation, argv[0], "no such program", errno.ENOENT) from None
+    except subprocess.TimeoutExpired as exc:
+        return -1, (exc.output or b"").decode("utf-8", "replace") + \
+            f"\n(killed after {timeout:.0f} s)"
+    return result.returncode, result.stdout.decode("utf-8", "replace")
