@@ -344,7 +344,8 @@ class CrashReport:
             lines.append(f"state {state.index} at {state.where()}:")
             error = (state.error or "").splitlines() or [""]
             if len(error) > error_lines:
-                error = error[:error_lines - 1] + [f"... ({len(error) - error_lines + 1} more lines)"]
+                more = len(error) - error_lines + 1
+                error = error[:error_lines - 1] + [f"... ({more} more lines)"]
             lines.extend("    " + line for line in error)
             lines.extend("    kernel: " + line for line in state.kernel_log[-kernel_lines:])
         if len(failures) > limit:

@@ -232,7 +232,8 @@ class _Chart:
             else:
                 shown_right = x + width
             out.append(f'<g class="{cls}" data-e="{index}" data-w="{width:.0f}" '
-                       f'transform="translate({_num(x)})"><path d="M0 28V4h9l-3 4 3 4H0"/>'
+                       f'transform="translate({_num(x)})"><path d="M0 28V4"/><path class="flag" '
+                       f'd="M0 4h9l-3 4 3 4H0"/>'
                        f'<text x="11" y="13">{_esc(text)}</text>'
                        f'<title>mark {_esc(repr(label))} at entry {index}</title></g>')
         out.append("</g>")
@@ -249,8 +250,10 @@ class _Chart:
             x = self.px(state.entry)
             verdict = "ok" if state.ok else "fail"
             hidden = "" if self.visible(x) else " off"
-            tip = f"state {state.index}: {state.where()}: " + \
-                ("passed" if state.ok else "FAILED: " + _one_line(state.error or ""))
+            tip = f"state {state.index}, entry {state.entry}" + \
+                (" (reordered)" if state.kind == "reorder" else "") + \
+                ("" if state.label_before is None else f", after {state.label_before!r}") + \
+                (": passed" if state.ok else ": FAILED: " + _one_line(state.error or ""))
             if state.kind == "point":
                 y = states_top + states_height / 2
                 out.append(f'<circle class="st {verdict}{hidden}" data-i="{position}" '
@@ -283,7 +286,12 @@ class _Chart:
         return "".join(out)
 
     def script_data(self) -> Dict[str, Any]:
-        """What the script needs: the geometry, the view, and each state in full."""
+        """What the script needs: the geometry, the view, and each state in full.
+
+        Kernel lines are stored once in ``lines`` and referred to by number: every state's
+        mount prints nearly the same lines, and a report of thousands of states stays small.
+        """
+        lines: Dict[str, int] = {}
         states = []
         for position, state in enumerate(self.report.states):
             kernel = list(state.kernel_log[-KERNEL_LINES_MAX:])
@@ -291,15 +299,18 @@ class _Chart:
             if omitted:
                 kernel.insert(0, f"[... {omitted} earlier lines in the JSON report]")
             states.append([state.index, state.entry, state.kind == "reorder", state.ok,
-                           state.label_before, state.error, kernel, list(state.dropped),
-                           [state.timings.get(phase) for phase in PHASES],
+                           state.label_before, state.error,
+                           [lines.setdefault(line, len(lines)) for line in kernel],
+                           list(state.dropped),
+                           [None if phase not in state.timings else round(state.timings[phase], 4)
+                            for phase in PHASES],
                            self.rows.get(position, 0)])
         return {"n": self.entries, "view": list(self.view), "initial": list(self.view),
                 "gutter": GUTTER, "width": PLOT_W, "axisY": self.axis_y,
                 "statesY": LANE["states"][0] + LANE["states"][1] / 2,
-                "reorderY": REORDER_TOP, "hasReorder": bool(self.reorder_height), "reorderRow": REORDER_ROW,
-                "reorderRows": MAX_REORDER_ROWS, "charW": CHAR_W,
-                "phases": list(PHASES), "states": states}
+                "reorderY": REORDER_TOP, "hasReorder": bool(self.reorder_height),
+                "reorderRow": REORDER_ROW, "reorderRows": MAX_REORDER_ROWS,
+                "phases": list(PHASES), "lines": list(lines), "states": states}
 
 
 def _header(report: CrashReport, chart: _Chart) -> str:
@@ -465,10 +476,11 @@ border-radius:5px;background:var(--panel);color:var(--fg);cursor:pointer}
 #chart .markline{stroke:var(--mark);stroke-width:1;stroke-dasharray:2 3;opacity:.55;
 vector-effect:non-scaling-stroke;fill:none}
 #chart .mk path{fill:var(--mark);stroke:var(--mark);stroke-width:1}
-#chart .mk text{fill:var(--fg)}
-#chart .mk.nolabel text,#chart .off{display:none}
+#chart .mk text{fill:var(--fg);paint-order:stroke;stroke:var(--panel);stroke-width:3px;
+stroke-linejoin:round}
+#chart .mk.nolabel text,#chart .mk.nolabel .flag,#chart .off{display:none}
 #chart #axis line{stroke:var(--line)}#chart #axis text{text-anchor:middle;fill:var(--muted)}
-.st{stroke:var(--bg);stroke-width:1}
+.st.fail{stroke:var(--bg);stroke-width:1}
 .st.ok{fill:var(--ok)}.st.fail{fill:var(--fail)}
 .st.re.ok{fill:var(--ok);opacity:.8}
 #chart .st{cursor:pointer}
@@ -571,7 +583,8 @@ function layout() {
 function axis() {
   var g = document.getElementById("axis"), span = view[1] - view[0];
   while (g.childNodes.length > 1) g.removeChild(g.lastChild);
-  var raw = Math.max(span / 10, 1), pow = Math.pow(10, Math.floor(Math.log10(raw))), step = 10 * pow;
+  var raw = Math.max(span / 10, 1), pow = Math.pow(10, Math.floor(Math.log10(raw)));
+  var step = 10 * pow;
   [1, 2, 5].some(function (f) { if (f * pow >= raw) { step = f * pow; return true; } });
   for (var v = Math.ceil(view[0] / step) * step; v <= view[1]; v += step) {
     var x = (D.gutter + (v - view[0]) / span * D.width).toFixed(1);
@@ -637,7 +650,10 @@ function show(i) {
   if (s[5] !== null) panel.appendChild(el("pre", "error", s[5]));
   panel.appendChild(el("div", "quiet", s[6].length ? "kernel log (" + s[6].length + " lines):"
                                                    : "the kernel said nothing during this state"));
-  if (s[6].length) panel.appendChild(el("pre", "kernel", s[6].join("\n")));
+  if (s[6].length) {
+    panel.appendChild(el("pre", "kernel", s[6].map(function (n) { return D.lines[n]; })
+                                               .join("\n")));
+  }
   if (!s[3]) {
     var a = el("a", "", "in the list of failures \u2193");
     a.href = "#state-" + s[0];

@@ -329,7 +329,9 @@ def test_html_escapes_everything_from_outside(tmp_path):
     # the script's data reads back to the exact text, escapes and all
     data = json.loads(checker.data["report-data"])
     assert [s[4] for s in data["states"]][-2:] == [EVIL, EVIL]
-    assert data["states"][-1][6] == ["</script><script>alert(2)</script>"]
+    kernel_lines = [[data["lines"][n] for n in state[6]] for state in data["states"]]
+    assert kernel_lines[-1] == ["</script><script>alert(2)</script>"]
+    assert kernel_lines[1] == list(report.states[1].kernel_log)
     assert data["states"][1][5] == f"AssertionError: lost {EVIL}"
 
 
