@@ -217,9 +217,9 @@ class _Chart:
         return f'<path class="markline" d="{d}"/>'
 
     def _mark_flags(self, timeline: Timeline) -> str:
-        """A flag per mark; labels that would overlap the previous shown one are left out."""
+        """A flag per mark, its label on the first of two rows where it fits (else none)."""
         out = ['<g id="marks">']
-        shown_right = -1e9
+        rights = [-1e9, -1e9]  # where the last label shown on each row ends
         for index, label in timeline.marks:
             text = label if len(label) <= LABEL_MAX else label[:LABEL_MAX - 1] + "\u2026"
             width = 12 + CHAR_W * len(text)
@@ -227,10 +227,13 @@ class _Chart:
             cls = "mk"
             if not self.visible(x):
                 cls += " off"
-            elif x < shown_right + 4:
-                cls += " nolabel"
+            elif x >= rights[0] + 4:
+                rights[0] = x + width
+            elif x >= rights[1] + 4:
+                rights[1] = x + width
+                cls += " row2"
             else:
-                shown_right = x + width
+                cls += " nolabel"
             out.append(f'<g class="{cls}" data-e="{index}" data-w="{width:.0f}" '
                        f'transform="translate({_num(x)})"><path d="M0 28V4"/><path class="flag" '
                        f'd="M0 4h9l-3 4 3 4H0"/>'
@@ -438,7 +441,8 @@ _CSS = """
 --replay:#5b7bd5;--snapshot:#9a6bd6;--fsck:#d6936b;--mount:#2fa39a;--check:#d6b93c;
 --umount:#98a2b3;--other:#e4e7ec}
 @media (prefers-color-scheme:dark){:root{--bg:#14171c;--fg:#e6e8eb;--muted:#98a2b3;
---line:#344054;--panel:#1d2229;--flush:#c0c6d0;--mark:#b0b8c4;--writes:#4f6d99;--other:#344054}}
+--line:#344054;--panel:#1d2229;--flush:#c0c6d0;--fua:#c39be0;--mark:#b0b8c4;--writes:#4f6d99;
+--other:#344054}}
 *{box-sizing:border-box}
 body{margin:0 auto;max-width:1280px;padding:20px 24px 40px;background:var(--bg);color:var(--fg);
 font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
@@ -479,6 +483,7 @@ vector-effect:non-scaling-stroke;fill:none}
 #chart .mk text{fill:var(--fg);paint-order:stroke;stroke:var(--panel);stroke-width:3px;
 stroke-linejoin:round}
 #chart .mk.nolabel text,#chart .mk.nolabel .flag,#chart .off{display:none}
+#chart .mk.row2 text,#chart .mk.row2 .flag{transform:translateY(13px)}
 #chart #axis line{stroke:var(--line)}#chart #axis text{text-anchor:middle;fill:var(--muted)}
 .st.fail{stroke:var(--bg);stroke-width:1}
 .st.ok{fill:var(--ok)}.st.fail{fill:var(--fail)}
@@ -567,14 +572,15 @@ function layout() {
       el.setAttribute("cx", x.toFixed(1));
     }
   });
-  var right = -1e9;
+  var rights = [-1e9, -1e9];  // the same two-row rule as the page was drawn with
   Array.prototype.forEach.call(chart.querySelectorAll("#marks .mk"), function (g) {
-    var x = px(+g.getAttribute("data-e")), on = inPlot(x);
+    var x = px(+g.getAttribute("data-e")), on = inPlot(x), row = -1;
     g.classList.toggle("off", !on);
     g.setAttribute("transform", "translate(" + x.toFixed(1) + ")");
-    var label = on && x >= right + 4;
-    g.classList.toggle("nolabel", on && !label);
-    if (label) right = x + (+g.getAttribute("data-w"));
+    if (on) row = x >= rights[0] + 4 ? 0 : (x >= rights[1] + 4 ? 1 : -1);
+    if (row >= 0) rights[row] = x + (+g.getAttribute("data-w"));
+    g.classList.toggle("row2", row === 1);
+    g.classList.toggle("nolabel", on && row < 0);
   });
   axis();
   if (shown >= 0) mark(shown);
