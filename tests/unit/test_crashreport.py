@@ -385,7 +385,7 @@ def test_html_mark_labels_take_two_rows_then_give_way(tmp_path):
     marks = [Entry(MARK, 0, name) for name in ("first-label", "second-label", "third-label")]
     timeline = Timeline.from_entries(1000, marks + [Entry(0, 512, None)] * 997)
     path = tmp_path / "marks.html"
-    CrashReport("wal.log", "mark", [passed(0, 999)], 1.0, timeline).write_html(path)
+    CrashReport("wal.log", "mark", [passed(0, 5)], 1.0, timeline).write_html(path)
     page, _ = check_page(path)
     classes = re.findall(r'<g class="(mk[^"]*)" data-e="(\d)"', page)
     assert classes == [("mk", "0"), ("mk row2", "1"), ("mk nolabel", "2")]
