@@ -391,3 +391,15 @@ def test_html_mark_labels_take_two_rows_then_give_way(tmp_path):
     assert classes == [("mk", "0"), ("mk row2", "1"), ("mk nolabel", "2")]
     assert all(f"mark {name!r} at entry" in page.replace("&#x27;", "'")
                for name in ("first-label", "second-label", "third-label"))
+
+
+def test_html_opens_on_the_checked_part_of_a_long_log(tmp_path):
+    timeline = Timeline.from_entries(1000, [Entry(MARK, 0, "mkfs")] + [Entry(0, 512, None)] * 999)
+    path = tmp_path / "view.html"
+    CrashReport("wal.log", "flush", [passed(0, 800), failed(1, 900)], 1.0, timeline).write_html(path)
+    page, checker = check_page(path)
+    start, width = map(float, re.search(r'<svg id="plot"[^>]* viewBox="([\d.]+) 0 ([\d.]+)',
+                                        page).groups())
+    assert start == 790 and start + width == 1000          # 5% of the checked span before it
+    assert '<g class="mk off" data-e="0"' in page            # the mkfs mark is out of view
+    assert json.loads(checker.data["report-data"])["view"] == [790, 1000]
