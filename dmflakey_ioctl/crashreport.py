@@ -12,6 +12,8 @@ valid UTF-8 on the way in (:func:`clean_text`), so writing JSON or HTML can neve
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import os
 import re
@@ -61,13 +63,16 @@ def clean_text(value: Union[str, bytes]) -> str:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """A failed check as ``Type: message`` plus where it was raised.
+    """A failed check as ``Type: message`` (plus an OSError's errno name) and where it raised.
 
     A bare ``assert`` outside pytest's rewriting has no message; the source line of the
     innermost frame then says what was asserted, so the verdict is never just "AssertionError".
     """
     message = str(exc)
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    name = errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else ""
+    if name and name not in message:  # "[Errno 117] Structure needs cleaning" says less
+        text += f" ({name})"
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
     if frames:
         last = frames[-1]
@@ -198,32 +203,30 @@ class Timeline:
         """
         bin_width = max(1, -(-n_entries // max_bins))
         tick_width = max(1, -(-n_entries // max_ticks))
-        bins = [0] * -(-n_entries // bin_width)
+        n_bins = -(-n_entries // bin_width)
+        bins = [0] * (n_bins + 1)  # a spare bin for the one entry too many that proves a lie
         ticks: Dict[int, List[int]] = {FLUSH: [], FUA: [], DISCARD: []}
         last_cell = {FLUSH: -1, FUA: -1, DISCARD: -1}
         marks: List[Tuple[int, str]] = []
         index = -1
-        try:
-            for index, entry in enumerate(entries):
-                flags = int(entry.flags)  # an IntFlag's own & costs ten times more
-                if not flags & (FLUSH | FUA | DISCARD | MARK):  # most entries: a plain write
-                    bins[index // bin_width] += entry.size
-                    continue
-                if flags & MARK:
-                    marks.append((index, entry.label or ""))
-                elif not flags & DISCARD:
-                    bins[index // bin_width] += entry.size
-                cell = index // tick_width
-                for bit in (FLUSH, FUA, DISCARD):
-                    if flags & bit and last_cell[bit] != cell:
-                        last_cell[bit] = cell
-                        ticks[bit].append(index)
-        except IndexError:
-            index = n_entries  # more entries than announced: refused below
+        for index, entry in enumerate(itertools.islice(entries, n_entries + 1)):
+            flags = int(entry.flags)  # an IntFlag's own & costs 15 times more (5.5 us vs 0.36)
+            if not flags & (FLUSH | FUA | DISCARD | MARK):  # most entries: a plain write
+                bins[index // bin_width] += entry.size
+                continue
+            if flags & MARK:
+                marks.append((index, entry.label or ""))
+            elif not flags & DISCARD:
+                bins[index // bin_width] += entry.size
+            cell = index // tick_width
+            for bit in (FLUSH, FUA, DISCARD):
+                if flags & bit and last_cell[bit] != cell:
+                    last_cell[bit] = cell
+                    ticks[bit].append(index)
         if index + 1 != n_entries:
-            raise _refuse("timeline", f"the log has {'more than ' if index >= n_entries else ''}"
-                                      f"{min(index + 1, n_entries)} entries, not the "
-                                      f"{n_entries} announced")
+            count = f"more than {n_entries}" if index == n_entries else str(index + 1)
+            raise _refuse("timeline", f"the log has {count} entries, not the {n_entries} announced")
+        del bins[n_bins:]
         return cls(entries=n_entries, flushes=ticks[FLUSH], fuas=ticks[FUA], marks=marks,
                    write_bins=bins, bin_width=bin_width, discards=ticks[DISCARD],
                    tick_width=tick_width)

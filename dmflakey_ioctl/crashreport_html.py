@@ -96,6 +96,14 @@ def _nice_step(span: float, count: int = 10) -> float:
     return 10 * power
 
 
+def _kernel_tail(lines: Sequence[str]) -> List[str]:
+    """The last KERNEL_LINES_MAX lines, saying how many were left out."""
+    shown = list(lines[-KERNEL_LINES_MAX:])
+    if len(lines) > len(shown):
+        shown.insert(0, f"[... {len(lines) - len(shown)} earlier lines in the JSON report]")
+    return shown
+
+
 def _one_line(text: str, limit: int = 160) -> str:
     first = text.splitlines()[0] if text else ""
     return first if len(first) <= limit else first[:limit - 1] + "\u2026"
@@ -297,10 +305,7 @@ class _Chart:
         lines: Dict[str, int] = {}
         states = []
         for position, state in enumerate(self.report.states):
-            kernel = list(state.kernel_log[-KERNEL_LINES_MAX:])
-            omitted = len(state.kernel_log) - len(kernel)
-            if omitted:
-                kernel.insert(0, f"[... {omitted} earlier lines in the JSON report]")
+            kernel = _kernel_tail(state.kernel_log)
             states.append([state.index, state.entry, state.kind == "reorder", state.ok,
                            state.label_before, state.error,
                            [lines.setdefault(line, len(lines)) for line in kernel],
@@ -325,9 +330,10 @@ def _header(report: CrashReport, chart: _Chart) -> str:
         verdict = f'<span class="verdict ok">all {total} passed</span>'
     else:
         verdict = '<span class="verdict none">no state checked</span>'
+    reordered = sum(1 for state in report.states if state.kind == "reorder")
     facts = [f"points: {_esc(describe_points(report.points))}",
              f"{chart.entries} log entries" if report.timeline else "",
-             f"{sum(1 for s in report.states if s.kind == 'reorder')} reordered states",
+             f"{reordered} reordered states" if reordered else "",
              f"run: {format_seconds(report.elapsed)}"]
     return (f'<header><h1>{verdict} <span class="title">crash states of '
             f'<code>{_esc(report.log_path)}</code></span></h1>'
@@ -395,7 +401,8 @@ def _failures(report: CrashReport) -> str:
         if lines:
             noun = "line" if len(lines) == 1 else "lines"
             out.append(f'<details><summary>kernel log ({len(lines)} {noun})</summary>'
-                       f'<pre class="kernel">{_esc(chr(10).join(lines))}</pre></details>')
+                       f'<pre class="kernel">{_esc(chr(10).join(_kernel_tail(lines)))}</pre>'
+                       f'</details>')
         else:
             out.append('<p class="quiet">the kernel said nothing during this state</p>')
         out.append("</article>")

@@ -1,4 +1,4 @@
-"""The crash report without a kernel: the data model, its one-line summary, JSON, and the HTML page."""
+"""The crash report without a kernel: the data model, its summary, JSON, and the HTML page."""
 
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ def failed(index, entry, error="AssertionError: file is empty", label="mkfs", **
 
 
 def small_timeline():
-    entries = [Entry(0, 4096, None)] * 3 + [Entry(MARK, 0, "mkfs"), Entry(0, 1024, None),
-                                            Entry(FLUSH, 0, None), Entry(FUA | METADATA, 2048, None),
-                                            Entry(DISCARD, 1 << 20, None), Entry(MARK, 0, EVIL),
-                                            Entry(FLUSH | FUA, 512, None)]
+    entries = [Entry(0, 4096, None)] * 3 + [
+        Entry(MARK, 0, "mkfs"), Entry(0, 1024, None), Entry(FLUSH, 0, None),
+        Entry(FUA | METADATA, 2048, None), Entry(DISCARD, 1 << 20, None), Entry(MARK, 0, EVIL),
+        Entry(FLUSH | FUA, 512, None)]
     return Timeline.from_entries(len(entries), iter(entries), max_bins=4)
 
 
@@ -56,7 +56,7 @@ def sample_report():
 def test_timeline_bins_ticks_and_marks_in_one_pass():
     timeline = small_timeline()
     assert timeline.entries == 10 and timeline.bin_width == 3      # 10 entries in at most 4 bins
-    assert timeline.write_bins == [3 * 4096, 1024, 2048, 512]       # marks and discards write nothing
+    assert timeline.write_bins == [3 * 4096, 1024, 2048, 512]  # marks, discards write nothing
     assert timeline.flushes == [5, 9] and timeline.fuas == [6, 9] and timeline.discards == [7]
     assert timeline.marks == [(3, "mkfs"), (8, EVIL)]
     assert timeline.tick_width == 1
@@ -74,10 +74,12 @@ def test_timeline_of_a_million_entries_stays_small():
     assert seconds < 10, f"{seconds:.1f} s for a million entries"
 
 
-@pytest.mark.parametrize("announced", [2, 4])
-def test_timeline_refuses_a_log_of_another_length(announced):
-    with pytest.raises(InvalidArgumentError, match="announced"):
-        Timeline.from_entries(announced, [Entry(0, 512, None)] * 3)
+@pytest.mark.parametrize("announced, count", [(2, "more than 2"), (1, "more than 1"),
+                                              (4, "3"), (6, "3")])
+def test_timeline_refuses_a_log_of_another_length(announced, count):
+    with pytest.raises(InvalidArgumentError, match=f"the log has {count} entries, not the "
+                                                   f"{announced} announced"):
+        Timeline.from_entries(announced, [Entry(0, 512, None)] * 3, max_bins=2)
 
 
 @pytest.mark.parametrize("kwargs, cause", [
@@ -122,8 +124,11 @@ def test_describe_exception_names_type_message_and_the_failing_line():
     assert "test_crashreport.py" in text and "in check" in text
     bare = AssertionError()
     assert describe_exception(bare) == "AssertionError"
-    assert describe_exception(OSError(5, "Input/output error")) == \
-        "OSError: [Errno 5] Input/output error"
+    assert describe_exception(OSError(117, "Structure needs cleaning")) == \
+        "OSError: [Errno 117] Structure needs cleaning (EUCLEAN)"
+    named = InvalidArgumentError("mount", "/dev/x", "refused", 22)
+    assert describe_exception(named) == \
+        "InvalidArgumentError: mount /dev/x: refused [EINVAL: Invalid argument]"
 
 
 def test_describe_fsck_keeps_the_tail():
@@ -396,10 +401,23 @@ def test_html_mark_labels_take_two_rows_then_give_way(tmp_path):
 def test_html_opens_on_the_checked_part_of_a_long_log(tmp_path):
     timeline = Timeline.from_entries(1000, [Entry(MARK, 0, "mkfs")] + [Entry(0, 512, None)] * 999)
     path = tmp_path / "view.html"
-    CrashReport("wal.log", "flush", [passed(0, 800), failed(1, 900)], 1.0, timeline).write_html(path)
+    report = CrashReport("wal.log", "flush", [passed(0, 800), failed(1, 900)], 1.0, timeline)
+    report.write_html(path)
     page, checker = check_page(path)
     start, width = map(float, re.search(r'<svg id="plot"[^>]* viewBox="([\d.]+) 0 ([\d.]+)',
                                         page).groups())
     assert start == 790 and start + width == 1000          # 5% of the checked span before it
     assert '<g class="mk off" data-e="0"' in page            # the mkfs mark is out of view
     assert json.loads(checker.data["report-data"])["view"] == [790, 1000]
+
+
+def test_html_shows_the_tail_of_a_long_kernel_log(tmp_path):
+    kernel = [f"kernel line {i}" for i in range(1000)]
+    path = tmp_path / "long.html"
+    CrashReport("wal.log", "flush", [failed(0, 3, kernel_log=kernel)]).write_html(path)
+    page, checker = check_page(path)
+    assert "[... 700 earlier lines in the JSON report]\nkernel line 700\n" in page
+    assert "kernel line 699\n" not in page and "kernel line 999</pre>" in page
+    data = json.loads(checker.data["report-data"])
+    assert [data["lines"][n] for n in data["states"][0][6]][:2] == [
+        "[... 700 earlier lines in the JSON report]", "kernel line 700"]
