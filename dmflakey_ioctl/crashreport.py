@@ -94,6 +94,15 @@ def describe_fsck(argv: Sequence[str], returncode: int, output: Union[str, bytes
     return "\n".join([head] + shown)
 
 
+def _plain(value: Any) -> Any:
+    """A setting as JSON can hold it: str, number, bool, None or a list of them; else its str."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return clean_text(value) if isinstance(value, str) else value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return clean_text(os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else str(value))
+
+
 def _refuse(what: str, cause: str) -> InvalidArgumentError:
     return InvalidArgumentError("crash report", what, cause)
 
@@ -271,7 +280,9 @@ class CrashReport:
 
     ``points`` is the mode the explorer was given ("flush", "fua", "mark", "entry", an int N,
     or "list" for an explicit list of entries); ``elapsed`` the seconds of the whole run;
-    ``timeline`` the log as the HTML report draws it (None: drawn from the states alone).
+    ``timeline`` the log as the HTML report draws it (None: drawn from the states alone);
+    ``settings`` the explorer's other arguments worth keeping (after, reorder, seed, fsck,
+    mount_options: a reordered state is only reproducible with its seed), shown in the page.
     """
 
     log_path: str
@@ -279,6 +290,7 @@ class CrashReport:
     states: List[CrashState] = field(default_factory=list)
     elapsed: float = 0.0
     timeline: Optional[Timeline] = None
+    settings: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.log_path = os.fsdecode(self.log_path)
@@ -288,6 +300,7 @@ class CrashReport:
         if not valid:
             raise _refuse(self.log_path, f"points {self.points!r} is not one of "
                                          f"{', '.join(POINT_MODES)} or an int >= 1")
+        self.settings = {str(key): _plain(value) for key, value in self.settings.items()}
 
     @property
     def failures(self) -> List[CrashState]:
@@ -363,6 +376,7 @@ class CrashReport:
                 "points": self.points, "elapsed": self.elapsed, "ok": self.ok,
                 "summary": self.summary(),
                 "timeline": self.timeline.to_dict() if self.timeline else None,
+                "settings": dict(self.settings),
                 "states": [state.to_dict() for state in self.states]}
 
     def to_json(self, indent: Optional[int] = None) -> str:
@@ -386,7 +400,8 @@ class CrashReport:
             return cls(log_path=data["log_path"], points=data["points"],
                        states=[CrashState.from_dict(state) for state in data["states"]],
                        elapsed=float(data["elapsed"]),
-                       timeline=Timeline.from_dict(timeline) if timeline is not None else None)
+                       timeline=Timeline.from_dict(timeline) if timeline is not None else None,
+                       settings=data.get("settings", {}))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidArgumentError):
                 raise

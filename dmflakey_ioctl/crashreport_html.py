@@ -335,6 +335,10 @@ def _header(report: CrashReport, chart: _Chart) -> str:
              f"{chart.entries} log entries" if report.timeline else "",
              f"{reordered} reordered states" if reordered else "",
              f"run: {format_seconds(report.elapsed)}"]
+    for key, value in report.settings.items():
+        shown = " ".join(map(str, value)) if isinstance(value, list) else \
+            repr(value) if value == "" else str(value)
+        facts.append(f"{_esc(key)}: {_esc(shown)}")
     return (f'<header><h1>{verdict} <span class="title">crash states of '
             f'<code>{_esc(report.log_path)}</code></span></h1>'
             f'<p class="summary">{_esc(report.summary())}</p>'

@@ -48,7 +48,9 @@ def sample_report():
               CrashState(3, 9, EVIL, False, "DMFlakeyError: mount: [EUCLEAN]", kind="reorder",
                          dropped=(4, 6), kernel_log=["EXT4-fs (dm-4): bad geometry"]),
               passed(4, 9, label=EVIL)]
-    return CrashReport("/tmp/x/wal.log", "flush", states, 2.0, small_timeline())
+    return CrashReport("/tmp/x/wal.log", "flush", states, 2.0, small_timeline(),
+                       {"after": EVIL, "reorder": 1, "seed": 7, "fsck": ("e2fsck", "-fn"),
+                        "mount_options": ""})
 
 
 # --- the data model ---------------------------------------------------------------------------
@@ -224,6 +226,7 @@ def test_json_round_trip(tmp_path):
     report.write_json(path)
     again = CrashReport.read_json(path)
     assert again == report
+    assert again.settings["fsck"] == ["e2fsck", "-fn"] and again.settings["after"] == EVIL
     assert again.summary() == report.summary()
     assert again.states[5].error == "bad \ufffd byte"
     assert json.loads(path.read_text(encoding="utf-8"))["summary"] == report.summary()
@@ -318,6 +321,7 @@ def test_html_page_is_well_formed_with_a_marker_per_state(tmp_path):
     assert "2 failed states" in text and report.summary() in text
     assert f"AssertionError: lost {EVIL}" in text and "EXT4-fs (dm-4): bad geometry" in text
     assert page.count('<article class="failure"') == 2 and page.count("<details>") == 2
+    assert f"after: {EVIL} · reorder: 1 · seed: 7 · fsck: e2fsck -fn · mount_options: ''" in text
 
 
 def test_html_escapes_everything_from_outside(tmp_path):
