@@ -321,7 +321,8 @@ def test_html_page_is_well_formed_with_a_marker_per_state(tmp_path):
     assert "2 failed states" in text and report.summary() in text
     assert f"AssertionError: lost {EVIL}" in text and "EXT4-fs (dm-4): bad geometry" in text
     assert page.count('<article class="failure"') == 2 and page.count("<details>") == 2
-    assert f"after: {EVIL} · reorder: 1 · seed: 7 · fsck: e2fsck -fn · mount_options: ''" in text
+    settings = f"after: {EVIL} · reorder: 1 · seed: 7 · fsck: e2fsck -fn · mount_options: ''"
+    assert settings in text
 
 
 def test_html_escapes_everything_from_outside(tmp_path):
