@@ -24,6 +24,7 @@ __all__ = [
     "InvalidNameError",
     "InvalidTableError",
     "TableRejectedError",
+    "LogFormatError",
     "opened",
 ]
 
@@ -106,6 +107,15 @@ class TableRejectedError(DMFlakeyError):
     """The kernel refused a table; attribute ``kernel_log`` holds what it said in /dev/kmsg."""
 
     kernel_log: str
+
+
+class LogFormatError(DMFlakeyError):
+    """A dm-log-writes log that is not one, or is corrupt or truncated.
+
+    Attribute ``offset``: the byte in the log file where the problem is.
+    """
+
+    offset: int
 
 
 @contextmanager
