@@ -46,11 +46,12 @@ import errno
 import fcntl
 import functools
 import mmap
+import operator
 import os
 import stat
 import struct
 from array import array
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .errors import DeviceExistsError, DMFlakeyError, InvalidArgumentError, LogFormatError
 from .kernel.loop import BLKGETSIZE64
@@ -91,7 +92,6 @@ class LogFlags(enum.IntFlag):
 
 
 KNOWN_FLAGS = 0x1F
-PLAIN_FLAGS = int(LogFlags.FLUSH | LogFlags.FUA | LogFlags.DISCARD | LogFlags.METADATA)
 
 
 def _flag_names(flags: int) -> List[str]:
@@ -502,45 +502,54 @@ class Replayer:
             raise InvalidArgumentError("replay", self.target, "the replayer or its log is closed")
         return self._fd
 
-    def _apply(self, indexes: Iterable[int]) -> ReplayResult:
-        """Coalesce runs of target-adjacent writes into pwritev calls; zero discards in order."""
+    def _apply(self, indexes: Sequence[int]) -> ReplayResult:
+        """Coalesce runs of target-adjacent writes into pwritev calls; zero discards in order.
+
+        Marks and pure flushes have no sectors.  A run is contiguous on the
+        target, so its byte count is ``run_end - run_pos``.
+        """
         fd = self._open_fd()
         log = self._log
         view, ss = log._view, log.sector_size
         sectors, counts, flags, offsets = log._sectors, log._counts, log._flags, log._offsets
-        skip = LogFlags.MARK | (0 if self._zero_discards else LogFlags.DISCARD)
+        discard, zero_discards = int(LogFlags.DISCARD), self._zero_discards
         run: List[memoryview] = []
-        run_pos = run_end = run_bytes = run_first = 0
-        entries = written = zeroed = 0
+        append = run.append
+        run_pos = run_end = run_first = 0
+        written = zeroed = 0
         for i in indexes:
-            entries += 1
-            nr, f = counts[i], flags[i]
-            if not nr or f & skip:
+            nr = counts[i]
+            if not nr:
                 continue
-            pos, size = sectors[i] * ss, nr * ss
-            if run and (f & LogFlags.DISCARD or pos != run_end or len(run) >= IOV_MAX
-                        or run_bytes >= WRITE_CHUNK):
-                self._write(fd, run, run_pos, run_bytes, run_first, i)
-                written += run_bytes
-                run = []
-            if f & LogFlags.DISCARD:
-                self._zero(fd, pos, size, i)
-                zeroed += size
+            pos = sectors[i] * ss
+            if flags[i] & discard:
+                if not zero_discards:
+                    continue
+                if run:
+                    self._write(fd, run, run_pos, run_end - run_pos, run_first, i)
+                    written += run_end - run_pos
+                    run.clear()
+                self._zero(fd, pos, nr * ss, i)
+                zeroed += nr * ss
                 continue
+            if run and (pos != run_end or len(run) >= IOV_MAX or run_end - run_pos >= WRITE_CHUNK):
+                self._write(fd, run, run_pos, run_end - run_pos, run_first, i)
+                written += run_end - run_pos
+                run.clear()
             if not run:
                 run_pos = run_end = pos
-                run_bytes, run_first = 0, i
+                run_first = i
             data = offsets[i] + ss
-            run.append(view[data:data + size])
-            run_end += size
-            run_bytes += size
+            append(view[data:data + nr * ss])
+            run_end += nr * ss
         if run:
-            self._write(fd, run, run_pos, run_bytes, run_first, None)
-            written += run_bytes
+            self._write(fd, run, run_pos, run_end - run_pos, run_first, None)
+            written += run_end - run_pos
+        result = ReplayResult(len(indexes), written, zeroed)
         total = self.totals
-        self.totals = ReplayResult(total.entries + entries, total.bytes_written + written,
+        self.totals = ReplayResult(total.entries + result.entries, total.bytes_written + written,
                                    total.bytes_zeroed + zeroed)
-        return ReplayResult(entries, written, zeroed)
+        return result
 
     def _write(self, fd: int, bufs: List[memoryview], pos: int, total: int, first: int,
                before: Optional[int]) -> None:
@@ -588,59 +597,67 @@ def _read_super(mapping: mmap.mmap, size: int, path: str) -> Tuple[int, int]:
 
 
 def _index(view: memoryview, size: int, ss: int, nr_entries: int, path: str):
-    """Walk the entry headers once; return the columns, the labels and the highest sector touched."""
+    """Walk the entry headers once; return the columns, the labels and the highest sector touched.
+
+    The loop is the indexing cost, so it does the least per plain write or
+    flush: everything else (marks, discards, anything invalid) goes through
+    :func:`_check_special`, and an entry whose data runs past the end of the
+    log ends the loop by itself (its end is past ``limit``) and is taken back.
+    """
     sectors, counts, flags, offsets = array("Q"), array("Q"), array("B"), array("Q")
     labels: Dict[int, str] = {}
     add_sector, add_count, add_flags, add_offset = (sectors.append, counts.append, flags.append,
                                                     offsets.append)
     unpack = HEADER.unpack_from
-    discard, special = int(LogFlags.DISCARD), ~PLAIN_FLAGS
-    off, index, highest = ss, 0, 0
+    special = ~int(LogFlags.FLUSH | LogFlags.FUA | LogFlags.METADATA)
+    off, limit = ss, size - ss          # a header starting after limit does not fit
     problem = None
-    last = False
-    while off + ss <= size:
+    while off <= limit:
         sector, nr, f, data_len, byte32 = unpack(view, off)
         if byte32 or f & special or not (f or nr):
             problem, label = _check_special(view, off, ss, sector, nr, f, data_len, byte32)
             if problem:
                 break
-            labels[index] = label  # type: ignore[assignment]
-            # the kernel's last entry: anything after it is left over from an earlier use
-            last = label == END_MARK and index + 1 >= nr_entries
-        end = off + ss + (0 if f & discard else nr * ss)
-        if end > size:
-            problem = (f"its {nr} sectors of data run past the end of the log (byte {size}); the "
-                       "log is truncated")
-            break
+            if label is not None:
+                index = len(flags)
+                labels[index] = label
+                if label == END_MARK and index + 1 >= nr_entries:
+                    limit = -1          # the kernel's last entry: what follows is left over
+            end = off + ss if f & (LogFlags.DISCARD | LogFlags.MARK) else off + ss + nr * ss
+        else:
+            end = off + ss + nr * ss
         add_sector(sector)
         add_count(nr)
         add_flags(f)
         add_offset(off)
-        if sector + nr > highest:
-            highest = sector + nr
-        index += 1
         off = end
-        if last:
-            break
-    else:
-        if index < nr_entries:
-            problem = (f"the log ends at byte {size}" + (", inside its header" if off < size else "")
-                       + "; the log is truncated")
-    if problem and index < nr_entries:
-        raise LogFormatError("read log", path, f"entry {index} of the {nr_entries} the super block "
-                             f"counts, at byte {off}: {problem}", offset=off)
+    if problem is None and off > size:  # the last entry's data runs past the end: take it back
+        off = offsets.pop()
+        for column in (sectors, counts, flags):
+            column.pop()
+        problem = (f"its {nr} sectors of data run past the end of the log (byte {size}); the log "
+                   "is truncated")
+    elif problem is None and len(flags) < nr_entries:
+        problem = f"the log ends at byte {size}" + (", inside its header" if off < size else "") \
+            + "; the log is truncated"
+    if problem and len(flags) < nr_entries:
+        raise LogFormatError("read log", path, f"entry {len(flags)} of the {nr_entries} the super "
+                             f"block counts, at byte {off}: {problem}", offset=off)
+    highest = max(map(operator.add, sectors, counts), default=0)
     return sectors, counts, flags, offsets, labels, highest
 
 
 def _check_special(view: memoryview, off: int, ss: int, sector: int, nr: int, f: int, data_len: int,
                    byte32: int) -> Tuple[Optional[str], Optional[str]]:
-    """(problem, label) of an entry that is a mark, has unknown flags or looks empty."""
+    """(problem, label) of an entry that is a discard or a mark, has unknown flags or looks empty."""
     if f & ~KNOWN_FLAGS:
         return f"flags 0x{f:x} have bits dm-log-writes never sets", None
     if not (f or nr):
         return "flags and sector count are both 0 (no entry is logged like that)", None
     if not f & LogFlags.MARK:
-        return "byte 32 of the header is not 0 in an entry that is not a mark", None
+        if byte32:
+            return "byte 32 of the header is not 0 in an entry that is not a mark", None
+        return None, None               # a discard
     if f != LogFlags.MARK or nr or sector:
         return (f"a mark with sector {sector}, {nr} sectors and flags 0x{f:x} (a mark has only "
                 "the MARK flag and no sectors)"), None

@@ -405,25 +405,43 @@ def test_replay_to_a_label_and_to_an_index_and_from_a_start(tmp_path):
 def test_coalescing_keeps_log_order_later_overlapping_writes_win(tmp_path):
     rng = random.Random(42)
     b = LogBuilder(device_size=256 * 512)
-    for n in range(600):
+    last_end = 0
+    for n in range(1500):
         roll = rng.random()
-        if roll < 0.5 and b.records and b.records[-1][0] == "write":
-            _, sector, nr, _, _ = b.records[-1]
-            start = sector + nr if sector + nr < 250 else 0     # adjacent: coalesced
+        if roll < 0.5:
+            start = last_end if last_end < 250 else 0           # after the last write: coalesced
         else:
             start = rng.randrange(0, 250)                       # anywhere: overlaps earlier ones
         nr = rng.randint(1, min(6, 256 - start))
-        if roll > 0.97:
+        if roll > 0.96:
             b.discard(start, nr)
-        elif roll > 0.94:
+        elif roll > 0.92:
             b.flush(rng.choice([FLUSH, FUA]))
+        elif roll > 0.91:
+            b.mark(f"m{n}")
         else:
             b.write(start, pattern(n, nr * 512))
+            last_end = start + nr
     with WriteLog.open(b.save(tmp_path / "log")) as log:
         for until in [len(log) - 1, len(log) // 2, 17]:
             target = target_file(tmp_path / f"t{until}", 256 * 512, fill=b"\xff" * (256 * 512))
             log.replay(target, until=until)
             assert read(target) == bytes(b.device(until, base=b"\xff" * (256 * 512))), until
+
+
+def test_a_discard_or_mark_between_target_adjacent_writes(tmp_path):
+    b = LogBuilder(device_size=32 * 512)
+    b.write(0, pattern(1, 1024))
+    b.discard(20, 4)
+    b.write(2, pattern(2, 1024))                           # right after the first write
+    b.mark("between")
+    b.write(4, pattern(3, 512))
+    b.discard(5, 1)
+    b.write(5, pattern(4, 512))                            # over the range just discarded
+    with WriteLog.open(b.save(tmp_path / "log")) as log:
+        target = target_file(tmp_path / "t", 32 * 512, fill=b"\x11" * (32 * 512))
+        assert log.replay(target) == (7, 3072, 2560)
+        assert read(target) == bytes(b.device(base=b"\x11" * (32 * 512)))
 
 
 def test_replayer_advances_stepwise_and_applies_chosen_entries(tmp_path):
