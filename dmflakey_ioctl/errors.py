@@ -25,6 +25,7 @@ __all__ = [
     "InvalidNameError",
     "InvalidTableError",
     "TableRejectedError",
+    "LogFormatError",
     "LogFullError",
     "LeftAloneWarning",
     "opened",
@@ -117,6 +118,15 @@ class TableRejectedError(DMFlakeyError):
     """The kernel refused a table; attribute ``kernel_log`` holds what it said in /dev/kmsg."""
 
     kernel_log: str
+
+
+class LogFormatError(DMFlakeyError):
+    """A dm-log-writes log that is not one, or is corrupt or truncated.
+
+    Attribute ``offset``: the byte in the log file where the problem is.
+    """
+
+    offset: int
 
 
 class LogFullError(DMFlakeyError):

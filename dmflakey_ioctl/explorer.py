@@ -198,8 +198,10 @@ def explore(log: WriteLog, check: Check, *, points: Points = "flush",
                     break
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    settings = {"after": after, "reorder": reorder, "seed": seed, "fsck": list(fsck or []),
+                "mount_options": mount_options}
     return CrashReport(log_path=log.path, points=_points_label(points), states=states,
-                       elapsed=time.monotonic() - started, timeline=timeline)
+                       elapsed=time.monotonic() - started, timeline=timeline, settings=settings)
 
 
 def _previous_flush(flushes: Sequence[int], point: int) -> int:

@@ -190,6 +190,9 @@ class CrashRecorder:
         report = explore(self.stop(), check, **options)  # type: ignore[arg-type]
         self.report_path = self.report_dir / "crash-report.html"
         report.write_html(self.report_path)
+        if not report.states:
+            pytest.fail(f"{report.summary()}: no crash state was checked (see points= and "
+                        "after=)", pytrace=False)
         if report.failures:
             pytest.fail(f"{report.summary()}\n{report.describe_failures()}\n"
                         f"HTML report: {self.report_path}", pytrace=False)
