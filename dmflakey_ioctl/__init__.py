@@ -16,6 +16,8 @@ from .errors import (
     InvalidTableError,
     KernelSupportError,
     NotRootError,
+    ProgramFailedError,
+    ProgramNotFoundError,
     TableRejectedError,
     UnsupportedFeatureError,
 )
@@ -33,7 +35,7 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ below imports on
         open_flakey,
     )
     from .fs import FSType, mount, syncfs, umount
-    from .table import CorruptBIOByte, Direction, FlakeyTable
+    from .tables.flakey import CorruptBIOByte, Direction, FlakeyTable
 
 __version__ = "0.1.0"
 
@@ -54,6 +56,8 @@ __all__ = [
     "InvalidTableError",
     "KernelSupportError",
     "NotRootError",
+    "ProgramFailedError",
+    "ProgramNotFoundError",
     "TableRejectedError",
     "UnsupportedFeatureError",
     "attach_flakey",
@@ -85,9 +89,9 @@ _LAZY = {
     "mount": "fs",
     "syncfs": "fs",
     "umount": "fs",
-    "CorruptBIOByte": "table",
-    "Direction": "table",
-    "FlakeyTable": "table",
+    "CorruptBIOByte": "tables.flakey",
+    "Direction": "tables.flakey",
+    "FlakeyTable": "tables.flakey",
 }
 _SUBMODULES = ("errors", "features", "flakey", "fs", "kernel", "tables")
 

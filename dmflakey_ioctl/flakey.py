@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
 
 from . import features, fs
-from .kernel import dm, loop
+from .kernel import dm, loop, mountinfo
 from .kernel.dm import check_device_mapper
 from .errors import (DeviceExistsError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError,
                      InvalidNameError)
@@ -367,27 +367,7 @@ def _mounts_of(name: str) -> List[str]:
         info = dm.info(name)
     except DeviceNotFoundError:
         return []
-    key, rdev = f"{info.major}:{info.minor}", os.makedev(info.major, info.minor)
-    points = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split()
-            # btrfs shows an anonymous device number in field 3: then the mount source tells
-            source = fields[fields.index("-", 6) + 2] if "-" in fields[6:] else ""
-            if fields[2] == key or _is_node_of(source.encode().decode("unicode_escape"), rdev):
-                points.append(fields[4].encode().decode("unicode_escape"))
-    return points
-
-
-def _is_node_of(path: str, rdev: int) -> bool:
-    """True when path is an absolute path to the block device rdev."""
-    if not path.startswith("/"):
-        return False
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+    return mountinfo.mount_points_of(info.dev)
 
 
 def _remove(name: str, owner: Owner, loop_device: Optional[str], image_path: Optional[str]) -> None:
