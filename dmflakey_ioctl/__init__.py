@@ -18,6 +18,8 @@ from .errors import (
     LeftAloneWarning,
     NotRootError,
     PermissionDeniedError,
+    ProgramFailedError,
+    ProgramNotFoundError,
     TableRejectedError,
     UnsupportedFeatureError,
 )
@@ -78,7 +80,8 @@ _SUBMODULES = ("cleanup", "errors", "features", "flakey", "fs", "images", "kerne
 __all__ = sorted([
     "DMFlakeyError", "DeviceBusyError", "DeviceExistsError", "DeviceNotFoundError",
     "InvalidArgumentError", "InvalidNameError", "InvalidTableError", "KernelSupportError",
-    "LeftAloneWarning", "NotRootError", "PermissionDeniedError", "TableRejectedError",
+    "LeftAloneWarning", "NotRootError", "PermissionDeniedError", "ProgramFailedError",
+    "ProgramNotFoundError", "TableRejectedError",
     "UnsupportedFeatureError", *_LAZY,
 ])
 

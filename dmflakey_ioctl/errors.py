@@ -28,7 +28,10 @@ __all__ = [
     "LogFormatError",
     "LogFullError",
     "LeftAloneWarning",
+    "ProgramNotFoundError",
+    "ProgramFailedError",
     "opened",
+    "program_start_error",
 ]
 
 
@@ -141,6 +144,54 @@ class LogFullError(DMFlakeyError):
 
 class LeftAloneWarning(UserWarning):
     """Something the library would have removed was not provably its own, so it was kept."""
+
+
+class ProgramNotFoundError(DMFlakeyError, FileNotFoundError):
+    """A program the operation runs (``mkfs.<fs>``) is not installed.
+
+    Attributes ``program`` (its name) and ``package`` (the Debian package that has it).
+    """
+
+    program: str
+    package: str
+
+
+class ProgramFailedError(DMFlakeyError):
+    """A program ran and exited with a non-zero status.
+
+    Attributes ``program``, ``returncode`` and ``output`` (what it wrote to
+    stdout and stderr, interleaved); the message carries the last lines.
+    """
+
+    program: str
+    returncode: int
+    output: str
+
+
+def program_start_error(operation: str, device: Optional[str], program: str,
+                        exc: OSError) -> DMFlakeyError:
+    """The error for a program that is there but could not be started, naming the real cause.
+
+    ENOENT from exec of a file that exists means its interpreter (``#!`` line) or
+    its ELF loader is missing; a file the start needed that is not the program
+    (say ``/dev/null``) is named as such; the program itself is never blamed for
+    a missing file it is not.
+    """
+    err = exc.errno or 0
+    culprit = exc.filename if exc.filename not in (None, program) else None
+    if culprit is not None:
+        cause = f"cannot start {program}: {os.fsdecode(culprit)}: {os.strerror(err)}"
+    elif err == _errno.ENOENT and os.path.exists(program):
+        cause = (f"cannot start {program}: the file is there, but the interpreter on its #! line or "
+                 f"its ELF loader is missing")
+    elif err == _errno.ENOEXEC:
+        cause = f"cannot start {program}: not an executable the kernel can run (no #! line, bad ELF)"
+    elif err in (_errno.EACCES, _errno.EPERM):
+        cause = (f"cannot start {program}: execution not permitted (no execute bit, a noexec mount, "
+                 f"or a security policy)")
+    else:
+        cause = f"cannot start {program}"
+    return DMFlakeyError(operation, device, cause, err)
 
 
 @contextmanager

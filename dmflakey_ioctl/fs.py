@@ -17,7 +17,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
-from .errors import DeviceBusyError, DMFlakeyError, InvalidArgumentError, NotRootError, opened
+from .errors import (DeviceBusyError, DMFlakeyError, InvalidArgumentError, NotRootError,
+                     ProgramFailedError, ProgramNotFoundError, opened, program_start_error)
 
 # ctypes, subprocess, shlex and shutil are imported where they are used: together they
 # were a sixth of `import dmflakey_ioctl`, and most programs never mkfs or mount.
@@ -128,7 +129,10 @@ def mkfs(device: str, fs_type: Union[FSType, str],
          options: Union[Sequence[str], str, None] = None) -> None:
     """Make a filesystem on device (a block device or an image file), overwriting what is there.
 
-    options are extra mkfs arguments, a list or a shell-like string.
+    options are extra mkfs arguments, a list or a shell-like string.  stdin is
+    an empty pipe, not /dev/null, so that a /dev without a null node (an empty
+    tmpfs in a container) does not stop mkfs.  ProgramNotFoundError when mkfs.<fs>
+    is not installed, ProgramFailedError (with its output) when it fails.
     """
     import shlex
     import shutil
@@ -139,18 +143,21 @@ def mkfs(device: str, fs_type: Union[FSType, str],
     search = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN_DIRS])
     program = shutil.which(name, path=search)
     if program is None:
-        raise DMFlakeyError("mkfs", device, f"{name} not found in PATH or {':'.join(_SBIN_DIRS)}; "
-                            f"install the Debian package {_PACKAGE[fs]}", errno.ENOENT)
+        raise ProgramNotFoundError("mkfs", device, f"{name} not found in PATH or "
+                                   f"{':'.join(_SBIN_DIRS)}; install the Debian package "
+                                   f"{_PACKAGE[fs]}", errno.ENOENT, program=name, package=_PACKAGE[fs])
     try:
-        result = subprocess.run([program, *_MKFS_FLAGS[fs], *extra, device], stdin=subprocess.DEVNULL,
-                                capture_output=True, env={**os.environ, "LC_ALL": "C"})
+        result = subprocess.run([program, *_MKFS_FLAGS[fs], *extra, device], input=b"",
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, "LC_ALL": "C"})
     except OSError as exc:
-        raise DMFlakeyError("mkfs", device, f"cannot run {program}", exc.errno) from None
+        raise program_start_error("mkfs", device, program, exc) from None
     if result.returncode != 0:
-        output = (result.stderr or result.stdout).decode(errors="replace")
+        output = result.stdout.decode(errors="replace")
         tail = " | ".join(line.strip() for line in output.strip().splitlines()[-5:])
-        raise DMFlakeyError("mkfs", device,
-                            f"{name} failed with exit status {result.returncode}: {tail or 'no output'}")
+        raise ProgramFailedError("mkfs", device, f"{name} failed with exit status {result.returncode}: "
+                                 f"{tail or 'no output'}", program=program,
+                                 returncode=result.returncode, output=output)
 
 
 def _detect(device: str, operation: str) -> Optional[FSType]:

@@ -8,10 +8,11 @@ here, with stdin from a pipe (no /dev/null needed) and its output captured.
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 from typing import Sequence, Tuple
 
-from .errors import InvalidArgumentError, ProgramNotFoundError
+from .errors import InvalidArgumentError, ProgramNotFoundError, program_start_error
 
 __all__ = ["run_user_program"]
 
@@ -25,8 +26,13 @@ def run_user_program(argv: Sequence[str], operation: str, timeout: float = 600.0
     try:
         result = subprocess.run(list(argv), input=b"", stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, timeout=timeout)
-    except FileNotFoundError:
-        raise ProgramNotFoundError(operation, argv[0], "no such program", errno.ENOENT) from None
+    except FileNotFoundError as exc:
+        if os.path.exists(argv[0]) or exc.filename not in (None, argv[0]):
+            raise program_start_error(operation, None, argv[0], exc) from None
+        raise ProgramNotFoundError(operation, argv[0], "no such program (not in PATH)",
+                                   errno.ENOENT, program=argv[0]) from None
+    except OSError as exc:
+        raise program_start_error(operation, None, argv[0], exc) from None
     except subprocess.TimeoutExpired as exc:
         return -1, (exc.output or b"").decode("utf-8", "replace") + \
             f"\n(killed after {timeout:.0f} s)"

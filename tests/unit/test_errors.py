@@ -3,8 +3,9 @@ import pickle
 
 import pytest
 
-from dmflakey_ioctl.errors import (DeviceBusyError, DMFlakeyError, InvalidNameError, TableRejectedError,
-                                   UnsupportedFeatureError)
+import dmflakey_ioctl
+from dmflakey_ioctl.errors import (DeviceBusyError, DMFlakeyError, InvalidNameError, ProgramFailedError,
+                                   ProgramNotFoundError, TableRejectedError, UnsupportedFeatureError)
 
 
 def test_message_names_operation_device_cause_and_errno():
@@ -26,9 +27,20 @@ def test_refusals_are_value_errors_without_errno():
     UnsupportedFeatureError("load", "x", "no error_reads", errno.EINVAL, feature="error_reads",
                             since="6.5", running="6.1.0"),
     TableRejectedError("load", "x", "rejected", errno.EINVAL, kernel_log="flakey: Invalid argument count"),
+    ProgramNotFoundError("mkfs", "/img", "mkfs.xfs not found", errno.ENOENT, program="mkfs.xfs",
+                         package="xfsprogs"),
+    ProgramFailedError("mkfs", "/img", "mkfs.ext4 failed", program="/sbin/mkfs.ext4", returncode=1,
+                       output="bad\n"),
 ])
 def test_errors_survive_pickling(err):
     copy = pickle.loads(pickle.dumps(err))
     assert type(copy) is type(err)
     assert str(copy) == str(err) and copy.errno == err.errno
     assert getattr(copy, "__dict__") == getattr(err, "__dict__")
+
+
+def test_every_public_name_of_the_package_imports():
+    """The package loads its names lazily: a wrong module in that map only shows on first use."""
+    for name in dmflakey_ioctl.__all__:
+        assert getattr(dmflakey_ioctl, name) is not None, name
+    assert issubclass(dmflakey_ioctl.ProgramNotFoundError, FileNotFoundError)

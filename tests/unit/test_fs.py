@@ -1,12 +1,15 @@
 """fs module without root: option parsing, type checks, superblock detection, mkfs."""
 
 import errno
+import os
 import shutil
+import sys
 
 import pytest
 
 from dmflakey_ioctl import fs
-from dmflakey_ioctl.errors import DMFlakeyError, InvalidArgumentError
+from dmflakey_ioctl.errors import (DMFlakeyError, InvalidArgumentError, ProgramFailedError,
+                                   ProgramNotFoundError)
 
 
 @pytest.mark.parametrize("options, flags, data", [
@@ -105,11 +108,13 @@ def test_mkfs_missing_program_names_the_package(tmp_path, monkeypatch, fs_type, 
     monkeypatch.setenv("PATH", str(empty))
     monkeypatch.setattr(fs, "_SBIN_DIRS", ())
     dev = image_with(tmp_path, 0, b"", size=16 << 20)
-    with pytest.raises(DMFlakeyError) as info:
+    with pytest.raises(ProgramNotFoundError) as info:
         fs.mkfs(dev, fs_type)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, DMFlakeyError)
     assert info.value.errno == errno.ENOENT
     assert f"mkfs.{fs.FSType(fs_type).value} not found" in str(info.value)
     assert package in str(info.value) and dev in str(info.value)
+    assert (info.value.program, info.value.package) == (f"mkfs.{fs.FSType(fs_type).value}", package)
 
 
 def test_mkfs_is_found_in_sbin_when_path_lacks_it(tmp_path, monkeypatch):
@@ -135,8 +140,9 @@ def test_real_mkfs_ext4_on_a_sparse_file(tmp_path):
 
 def test_mkfs_failure_carries_the_tail_of_stderr(tmp_path):
     dev = image_with(tmp_path, 0, b"", size=fs.MIN_SIZE[fs.FSType.EXT4])
-    with pytest.raises(DMFlakeyError) as info:
+    with pytest.raises(ProgramFailedError) as info:
         fs.mkfs(dev, "ext4", ["-O", "nosuchfeature"])
+    assert info.value.returncode == 1 and "nosuchfeature" in info.value.output
     assert "mkfs.ext4 failed with exit status 1" in str(info.value)
     assert "Invalid filesystem option set: nosuchfeature" in str(info.value)
     assert info.value.operation == "mkfs" and info.value.device == dev
@@ -158,3 +164,85 @@ def test_reformatting_changes_what_detect_fs_sees(tmp_path, fs_type):
             fs.mkfs(dev, previous)
     fs.mkfs(dev, fs_type)
     assert fs.detect_fs(dev) is fs_type
+
+
+# ---- fake mkfs programs: what the library does when the program is odd --------------------------------
+
+def fake_mkfs(tmp_path, monkeypatch, content: bytes, mode: int = 0o755) -> str:
+    """A PATH holding only mkfs.ext4 with this content; /sbin is not searched."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    program = folder / "mkfs.ext4"
+    program.write_bytes(content)
+    program.chmod(mode)
+    monkeypatch.setenv("PATH", str(folder))
+    monkeypatch.setattr(fs, "_SBIN_DIRS", ())
+    return str(program)
+
+
+def test_a_failing_program_is_program_failed_with_its_output_tail(tmp_path, monkeypatch):
+    lines = "".join(f"echo line {i}\n" for i in range(10))
+    program = fake_mkfs(tmp_path, monkeypatch, f"#!/bin/sh\n{lines}echo 'bad superblock' >&2\nexit 3\n"
+                        .encode())
+    dev = image_with(tmp_path, 0, b"")
+    with pytest.raises(ProgramFailedError) as info:
+        fs.mkfs(dev, "ext4")
+    err = info.value
+    assert not isinstance(err, FileNotFoundError) and err.errno is None
+    assert (err.program, err.returncode) == (program, 3)
+    assert err.output.splitlines() == [f"line {i}" for i in range(10)] + ["bad superblock"]
+    assert str(err) == (f"mkfs {dev}: mkfs.ext4 failed with exit status 3: line 6 | line 7 | line 8 | "
+                        "line 9 | bad superblock")
+
+
+def test_mkfs_stdin_is_an_empty_pipe_so_no_dev_null_is_needed(tmp_path, monkeypatch):
+    """subprocess.DEVNULL opens os.devnull: point that nowhere, as an empty tmpfs /dev does."""
+    record = tmp_path / "stdin"
+    fake_mkfs(tmp_path, monkeypatch, f"#!{sys.executable}\nimport os, sys\nwith open({str(record)!r}, 'w') as fh:\n"
+              f"    fh.write(os.readlink('/proc/self/fd/0') + '\\n' + sys.stdin.read())\n".encode())
+    monkeypatch.setattr("os.devnull", str(tmp_path / "no-dev" / "null"))
+    fs.mkfs(image_with(tmp_path, 0, b""), "ext4")
+    assert record.read_text().startswith("pipe:[") and record.read_text().count("\n") == 1
+
+
+@pytest.mark.parametrize("content, mode, err, words", [
+    (b"\x7fELF\x02garbage", 0o755, errno.ENOEXEC, "not an executable"),
+    (b"#!/nonexistent/interpreter\n", 0o755, errno.ENOENT, "interpreter on its #! line"),
+])
+def test_a_program_that_cannot_start_is_not_reported_missing(tmp_path, monkeypatch, content, mode, err,
+                                                             words):
+    program = fake_mkfs(tmp_path, monkeypatch, content, mode)
+    dev = image_with(tmp_path, 0, b"")
+    with pytest.raises(DMFlakeyError) as info:
+        fs.mkfs(dev, "ext4")
+    assert type(info.value) is DMFlakeyError and info.value.errno == err
+    assert program in str(info.value) and words in str(info.value)
+    assert "not found" not in str(info.value) and "install" not in str(info.value)
+
+
+def test_a_program_without_execute_permission_is_named_as_such(tmp_path, monkeypatch):
+    """shutil.which skips a file without x: start the found program, then take x away (a race)."""
+    program = fake_mkfs(tmp_path, monkeypatch, b"#!/bin/sh\nexit 0\n")
+    real_which = shutil.which
+
+    def which_then_chmod(*args, **kwargs):
+        found = real_which(*args, **kwargs)
+        os.chmod(program, 0o644)
+        return found
+
+    monkeypatch.setattr(shutil, "which", which_then_chmod)
+    dev = image_with(tmp_path, 0, b"")
+    with pytest.raises(DMFlakeyError) as info:
+        fs.mkfs(dev, "ext4")
+    assert type(info.value) is DMFlakeyError and info.value.errno == errno.EACCES
+    assert "execution not permitted" in str(info.value) and program in str(info.value)
+
+
+def test_a_missing_file_that_is_not_the_program_is_named(tmp_path, monkeypatch):
+    """The old failure: DEVNULL with no /dev/null blamed mkfs; such a cause names its own file."""
+    from dmflakey_ioctl.errors import program_start_error
+    exc = FileNotFoundError(errno.ENOENT, "No such file or directory", "/dev/null")
+    err = program_start_error("mkfs", "/img", "/usr/sbin/mkfs.ext4", exc)
+    assert str(err) == ("mkfs /img: cannot start /usr/sbin/mkfs.ext4: /dev/null: No such file or directory "
+                        "[ENOENT: No such file or directory]")
+    assert not isinstance(err, FileNotFoundError)

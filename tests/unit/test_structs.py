@@ -87,12 +87,14 @@ def _c_source() -> str:
 @pytest.fixture(scope="module")
 def c(tmp_path_factory) -> dict[str, int]:
     """Every size, offset and constant above, as gcc sees them in the installed headers."""
+    # A missing compiler or header fails: skipping would pass a run that checked no layout at all.
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("gcc is not installed (apt-get install gcc)")
+        pytest.fail("gcc is not installed: `make deps` installs it (Debian package gcc)")
     missing = [str(h) for h in HEADERS if not h.exists()]
     if missing:
-        pytest.skip(f"kernel UAPI headers missing: {', '.join(missing)} (apt-get install linux-libc-dev)")
+        pytest.fail(f"kernel UAPI headers missing: {', '.join(missing)}: `make deps` installs them "
+                    "(Debian package linux-libc-dev)")
     tmp = tmp_path_factory.mktemp("uapi")
     (tmp / "layout.c").write_text(_c_source())
     build = subprocess.run([gcc, "-Wall", "-Werror", "-o", str(tmp / "layout"), str(tmp / "layout.c")],
