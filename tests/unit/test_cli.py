@@ -135,7 +135,7 @@ def test_library_errors_and_bugs_are_one_line(capsys, monkeypatch):
 
     def not_found(name):
         raise DeviceNotFoundError("info", name, "no such\ndevice-mapper device", 6)
-    monkeypatch.setattr(devices, "open_flakey", not_found)
+    monkeypatch.setattr(devices, "_open_any", not_found)
     # the error names the user's operation, not the ioctl that found nothing
     assert cli.main(["remove", "x"]) == cli.EXIT_FAILED
     assert capsys.readouterr().err == ("dmflakey: remove x: no such device "
@@ -143,8 +143,8 @@ def test_library_errors_and_bugs_are_one_line(capsys, monkeypatch):
 
     def bug(name):
         raise KeyError(name)
-    monkeypatch.setattr(devices, "open_flakey", bug)
-    assert cli.main(["table", "x"]) == cli.EXIT_FAILED
+    monkeypatch.setattr(devices, "_open_any", bug)
+    assert cli.main(["status", "x"]) == cli.EXIT_FAILED
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error: KeyError" in err and "--debug" in err
 

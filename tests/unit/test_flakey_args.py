@@ -73,7 +73,7 @@ def capture_swaps(monkeypatch) -> list:
     seen: list[tuple[FlakeyTable, bool]] = []
 
     def prepare_swap(self, device, targets, *, lockfs=False, dev=None):
-        assert device == dm.ByUuid(UUID), "a switch addresses its device by uuid"
+        assert device == dm.ByUuid(UUID, "dmfu-args"), "a switch addresses its device by uuid"
         seen.append((DeviceTable.parse(targets).fault, lockfs))
         return FakeSwap()
     monkeypatch.setattr(dm.Control, "prepare_swap", prepare_swap)

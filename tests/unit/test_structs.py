@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dmflakey_ioctl.kernel import dm, loop
+from dmflakey_ioctl.kernel import blockdev, dm, loop
 from dmflakey_ioctl.errors import InvalidArgumentError, InvalidNameError
 
 HEADERS = [Path("/usr/include/linux/dm-ioctl.h"), Path("/usr/include/linux/loop.h"),
@@ -49,6 +49,7 @@ CONSTANTS = [
     "LOOP_SET_FD", "LOOP_CLR_FD", "LOOP_SET_STATUS64", "LOOP_GET_STATUS64", "LOOP_SET_DIRECT_IO",
     "LOOP_SET_BLOCK_SIZE", "LOOP_CONFIGURE", "LOOP_CTL_GET_FREE", "LO_NAME_SIZE",
     "LO_FLAGS_READ_ONLY", "LO_FLAGS_AUTOCLEAR", "LO_FLAGS_DIRECT_IO", "BLKGETSIZE64",
+    "BLKSSZGET", "BLKFLSBUF", "BLKZEROOUT",
 ]
 
 # dm.Command member -> the header's request macro and enum constant
@@ -218,8 +219,13 @@ def test_loop_config_matches_the_header_file(c):
 def test_loop_constants_match_the_header_files(c):
     for name in ["LOOP_SET_FD", "LOOP_CLR_FD", "LOOP_SET_STATUS64", "LOOP_GET_STATUS64",
                  "LOOP_SET_DIRECT_IO", "LOOP_SET_BLOCK_SIZE", "LOOP_CONFIGURE", "LOOP_CTL_GET_FREE",
-                 "LO_FLAGS_READ_ONLY", "LO_FLAGS_AUTOCLEAR", "LO_FLAGS_DIRECT_IO", "BLKGETSIZE64"]:
+                 "LO_FLAGS_READ_ONLY", "LO_FLAGS_AUTOCLEAR", "LO_FLAGS_DIRECT_IO"]:
         assert getattr(loop, name) == c[f"const {name}"], f"loop.{name}"
+
+
+def test_block_device_requests_match_the_header_files(c):
+    for name in ["BLKGETSIZE64", "BLKSSZGET", "BLKFLSBUF", "BLKZEROOUT"]:
+        assert getattr(blockdev, name) == c[f"const {name}"], f"blockdev.{name}"
 
 
 def test_loop_config_packs_fields_at_the_header_offsets(c):
