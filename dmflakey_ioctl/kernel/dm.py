@@ -350,9 +350,13 @@ def _error(command: Command, operation: str, device: Optional[str], err: int,
             return NotRootError(operation, device, "device-mapper needs root (CAP_SYS_ADMIN in the "
                                 "initial user namespace)", err)
         if command == Command.TABLE_LOAD:
-            return PermissionDeniedError(operation, device, "a device in the table cannot be opened "
-                                         "for writing (a read-only loop or backing device) or a "
-                                         "device cgroup denies it", err)
+            # the kernel opens each device of the table for this process: a policy may refuse
+            # (a read-only device is no cause: the kernel takes it and fails the writes)
+            said = "; ".join(log())
+            return PermissionDeniedError(operation, device, "the kernel may not open a device of the "
+                                         "table for this process: a device cgroup or a security "
+                                         "module denies it" + (f" (kernel said: {said})" if said else ""),
+                                         err)
         return PermissionDeniedError(operation, device, "permission denied although this process "
                                      "has CAP_SYS_ADMIN: a device cgroup, a user namespace or a "
                                      "security module refused it", err)
@@ -568,8 +572,8 @@ class Control:
              dev: Optional[int] = None) -> bytearray:
         """The one place an ioctl is sent: send buf, raise the library's error on failure.
 
-        dev (the device's number, when known) lets an error quote the kernel log
-        lines about this device and no other.
+        dev (the device's number, when known): an error quotes the kernel log lines
+        about this device and no other, and none once the number is another's.
         """
         fd = self.fileno()  # outside the try: its own errors (no dm, not root) stand
         since = time.monotonic()
@@ -585,17 +589,21 @@ class Control:
         return buf
 
     def _log_about(self, request: bytearray, dev: Optional[int], since: float) -> list[str]:
-        """Kernel log lines about the device of a failed request (found by its name or uuid)."""
-        if dev is None:
-            fields = HEADER.unpack_from(request)
-            name, uuid = _cstr(fields[11]), _cstr(fields[12])
-            try:
-                dev = self.info(ByUuid(uuid) if uuid else name).dev if (name or uuid) else None
-            except DMFlakeyError:
-                dev = None
-        if dev is None:
+        """Kernel log lines about the device of a failed request (found by its name or uuid).
+
+        Only while that device still exists under the number dev (when known): a
+        device gone meanwhile left its number to the next one made, whose words
+        are not ours.
+        """
+        fields = HEADER.unpack_from(request)
+        name, uuid = _cstr(fields[11]), _cstr(fields[12])
+        try:
+            found = self.info(ByUuid(uuid) if uuid else name).dev if (name or uuid) else None
+        except DMFlakeyError:
+            found = None
+        if found is None or (dev is not None and found != dev):
             return []
-        return kmsg.lines_about(os.major(dev), os.minor(dev), since)
+        return kmsg.lines_about(os.major(found), os.minor(found), since)
 
     def call(self, command: Command, operation: str, device: DeviceRef, *, size: int = 0,
              payload: bytes = b"", **fields: object) -> Reply:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import List, Optional
+from collections import deque
+from typing import Deque, List, Optional
 
 __all__ = ["KernelLogTail", "lines_about"]
 
@@ -77,6 +78,9 @@ class KernelLogTail:
 
 
 _shared: Optional[tuple[int, int]] = None   # (pid, fd) kept open by lines_about
+# Records read so far, for every caller: a thread must not consume the lines of another thread's
+# failure while looking for its own.  The newest ones are kept; a second of them is what is asked for.
+_recent: Deque[tuple[float, str]] = deque(maxlen=1024)
 _lock = threading.Lock()
 
 
@@ -84,9 +88,11 @@ def lines_about(major: int, minor: int, since: float, limit: int = 4) -> List[st
     """device-mapper lines naming ``major:minor`` logged after ``since`` (time.monotonic()).
 
     The descriptor stays open, so each call reads only what was logged after the
-    previous one.  The log's clock and time.monotonic() differ slightly: a second
-    of slack.  Lines about other devices are skipped, so an error never carries
-    another device's (or another thread's) words.
+    previous one; what was read is kept (the newest records) for other callers,
+    whose failures may have been logged meanwhile.  The log's clock and
+    time.monotonic() differ slightly: a second of slack.  Lines about other
+    devices are skipped, so an error never carries another device's (or another
+    thread's) words.
     """
     global _shared
     pattern = re.compile(rf"(?<![0-9]){major}:{minor}(?![0-9])")
@@ -97,7 +103,9 @@ def lines_about(major: int, minor: int, since: float, limit: int = 4) -> List[st
                 return []
             os.lseek(fd, 0, os.SEEK_SET)  # a first reader looks back: the failure was just logged
             _shared = (os.getpid(), fd)
-        records = _read_records(_shared[1])
+            _recent.clear()
+        _recent.extend(_read_records(_shared[1]))
+        records = list(_recent)
     lines = [text for stamp, text in records
              if stamp >= since - 1.0 and "device-mapper" in text and pattern.search(text)]
     return lines[-limit:]

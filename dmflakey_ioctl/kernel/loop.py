@@ -19,7 +19,7 @@ from typing import Optional
 
 from . import blockdev, nodes
 from ..errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, \
-    KernelSupportError, NotRootError, opened
+    KernelSupportError, NotRootError, PermissionDeniedError, opened
 
 __all__ = ["LoopDevice", "attach", "attach_fd", "detach", "info", "by_dev", "bound_identity", "wait_unbound",
            "LOOP_MAJOR"]
@@ -102,10 +102,24 @@ def _open_control() -> int:
     try:
         return os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
     except PermissionError as exc:
-        raise NotRootError("open", LOOP_CONTROL, "loop devices need root", exc.errno) from None
+        raise _denied("open", LOOP_CONTROL, "cannot open it", exc.errno) from None
     except OSError as exc:
         raise KernelSupportError("open", LOOP_CONTROL, "the loop driver is not available "
                                  "(load it with `modprobe loop`)", exc.errno) from None
+
+
+def _denied(operation: str, device: str, what: str, err: int) -> PermissionDeniedError:
+    """EACCES or EPERM opening a loop node: "needs root" only when this process is not root.
+
+    Root is refused by policy, e.g. a container's device cgroup that leaves out
+    the loop devices (the kernel answers EPERM).
+    """
+    if os.geteuid() != 0:
+        return NotRootError(operation, device, f"{what}: loop devices need root", err)
+    return PermissionDeniedError(operation, device, f"{what}: permission denied although this "
+                                 "process runs as root: a device cgroup (a container without access "
+                                 "to loop devices), a user namespace or a security module refuses it",
+                                 err)
 
 
 def _node_for(number: int) -> tuple[str, int]:
@@ -179,6 +193,8 @@ def attach_fd(backing: int, name: str, *, read_only: bool = False, direct_io: bo
                 if exc.errno in (errno.ENXIO, errno.EBUSY) and attempt + 1 < ATTACH_TRIES:
                     time.sleep(0.001 * (attempt + 1))
                     continue
+                if isinstance(exc, PermissionError):
+                    raise _denied("attach", name, f"cannot open {dev_path}", exc.errno) from None
                 raise DMFlakeyError("attach", name, f"cannot open {dev_path}", exc.errno) from None
             try:
                 _configure(fd, backing, flags, block_size or 0, name)

@@ -9,6 +9,29 @@ import subprocess
 from pathlib import Path
 
 _counter = itertools.count()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child Python: this checkout's package comes first.
+
+    An editable install may point at another checkout, and a child started in a
+    temporary directory would import that one.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def loop_backing_files() -> dict[str, str]:
+    """Bound loop devices and their backing files as sysfs shows them ({"loop3": "/x.img (deleted)"})."""
+    bound = {}
+    for path in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            bound[path.parent.parent.name] = path.read_text().rstrip("\n")
+        except OSError:
+            continue
+    return bound
 
 
 def unique_name(prefix: str = "dmfi-t") -> str:
