@@ -378,7 +378,8 @@ def test_a_live_device_is_safe_where_the_namespace_sees_its_parent_s_proc(tmp_pa
     """A container that shares the host's /proc: its own pids are looked up among the host's there."""
     name = unique_name("dmfi-own-hostproc")
     leftovers.append(name)
-    owner_pid = 54321   # a pid the host does not use: in the /proc the namespace sees, nobody has it
+    # a pid the host does not use: in the /proc the namespace sees, nobody has it
+    owner_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 100
     assert not os.path.exists(f"/proc/{owner_pid}")
     run = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", OWNER_AND_JUDGE, name,
                           str(tmp_path), str(SIZE), str(owner_pid - 1)], capture_output=True, text=True,
@@ -552,25 +553,34 @@ def test_a_killed_probe_leaves_nothing_the_next_cleanup_misses(leftovers):
             os.close(report_r)
             features.reset_cache()   # probed already in this session: the fork would not probe
 
+            def seen(path: str, memfd: int) -> bool:
+                os.write(report_w, f"{path} ".encode())
+                return PROBES["error_reads"].effect(path, memfd)
+
             def killed_while_probing(path: str, memfd: int) -> bool:
                 os.write(report_w, f"{path}\n".encode())
                 os.kill(os.getpid(), signal.SIGKILL)
                 return False
 
-            features.supported("error_reads",
+            features.supported("error_reads", probe=lambda f: Probe(PROBES[f].table, seen).run())
+            features.supported("random_read_corrupt",
                                probe=lambda f: Probe(PROBES[f].table, killed_while_probing).run())
         finally:
             os._exit(1)
     os.close(report_w)
     try:
-        path = read_line(report_r)
+        paths = read_line(report_r).split()
     finally:
         os.close(report_r)
         _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (path, status)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (paths, status)
+    assert len(paths) == 2, paths
+    first, path = paths
     name = os.path.basename(path)
     leftovers.append(name)
-    assert PROBE_NAME.fullmatch(name) and str(pid) not in name   # random, not derived from the pid
+    # random, not derived from the pid: one process's two probes have two names
+    assert first != path and all(PROBE_NAME.fullmatch(os.path.basename(p)) for p in paths)
+    assert os.path.basename(first) not in dm_names()   # the first probe cleaned up after itself
     owned = {d.name: d for d in list_owned()}
     assert owned[name].owner.kind is Kind.PROBE and owned[name].owner.verdict() is Verdict.STALE
     [(major, minor)] = re.findall(r"\b(\d+):(\d+)\b", dmsetup("table", name))

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from .helpers import dm_names, unique_name
+from .helpers import child_env, dm_names, unique_name
 
 CRASHING_CREATOR = """
 import sys
@@ -26,7 +26,7 @@ def test_uses_the_fixture(flakey):
 def test_session_start_removes_a_crashed_runs_device(tmp_path):
     name = unique_name("dmfl-crashed")
     child = subprocess.Popen([sys.executable, "-c", CRASHING_CREATOR, name, str(tmp_path)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env())
     try:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
     finally:
@@ -38,7 +38,7 @@ def test_session_start_removes_a_crashed_runs_device(tmp_path):
     project.mkdir()
     (project / "test_user.py").write_text(USER_TEST)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(project)], cwd=project, capture_output=True, text=True)
+                          str(project)], cwd=project, capture_output=True, text=True, env=child_env())
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed" in run.stdout
     assert f"removed 1 stale device(s) of crashed runs: {name}" in run.stdout
