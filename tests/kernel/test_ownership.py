@@ -611,7 +611,8 @@ pid = os.fork()
 if pid == 0:   # pid 2 in this new namespace, as in every other one
     os.close(report_r)
     def effect(path, memfd):
-        os.write(report_w, (json.dumps({"pid": os.getpid(), "device": os.path.basename(path)}) + "\n").encode())
+        said = {"pid": os.getpid(), "device": os.path.basename(path)}
+        os.write(report_w, (json.dumps(said) + "\n").encode())
         if killed:
             os.kill(os.getpid(), signal.SIGKILL)
         return PROBES["error_reads"].effect(path, memfd)
