@@ -58,6 +58,9 @@ from .errors import DeviceExistsError, DMFlakeyError, InvalidArgumentError, LogF
 from .kernel.blockdev import BLKGETSIZE64
 
 if TYPE_CHECKING:
+    from typing import Callable
+
+    from .crashreport import CrashReport
     import ctypes
 
 __all__ = ["LogFlags", "LogEntry", "ReplayResult", "WriteLog", "Replayer", "check_mark_label",
@@ -411,6 +414,14 @@ class WriteLog:
             raise
 
     # -- life cycle -------------------------------------------------------------------------
+
+    def explore(self, check: "Callable[[str], object]", **options: object) -> "CrashReport":
+        """Check the disk state at every crash point: ``explore(self, check, **options)``.
+
+        See :func:`dmflakey_ioctl.explorer.explore` for the options.
+        """
+        from .explorer import explore
+        return explore(self, check, **options)  # type: ignore[arg-type]
 
     @property
     def closed(self) -> bool:
