@@ -25,10 +25,9 @@ from typing import Optional, Sequence, Union
 from . import cleanup, fs
 from .errors import DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, InvalidNameError, \
     LogFullError
-from .flakey import check_image_size
 from .fs import FSType
-from .images import (BackingImage, attach_image, backing_of, create_image, delete_image,
-                     release)
+from .images import (BackingImage, attach_image, backing_of, check_image_size, create_image,
+                     delete_image, release)
 from .kernel import blockdev, dm, mountinfo
 from .ownership import Kind, Owner
 from .tables.log_writes import LogWritesStatus, LogWritesTable
@@ -206,8 +205,7 @@ def record_writes_to(name: str, image_path: str, log_path: str,
     if size % unit or log_size % unit:
         raise InvalidArgumentError(operation, name, f"size and log_size must be multiples of the "
                                    f"block size {unit}")
-    if name in {d.name for d in dm.list_devices()}:
-        raise InvalidNameError(operation, name, "a dm device with this name already exists")
+    dm.check_new_name(name, operation)
     image_path, log_path = os.path.realpath(image_path), os.path.realpath(log_path)
     if image_path == log_path:
         raise InvalidArgumentError(operation, name, "the data image and the log need two paths")

@@ -34,7 +34,7 @@ from ..errors import (DeviceBusyError, DeviceExistsError, DeviceNotFoundError, D
 __all__ = [
     "Command", "Flag", "Target", "DeviceInfo", "ListedDevice", "ByUuid", "DeviceRef", "Control",
     "PreparedCall", "TableSwap",
-    "check_name", "check_uuid", "check_device_mapper", "pack_request", "control",
+    "check_name", "check_new_name", "check_uuid", "check_device_mapper", "pack_request", "control",
     "version", "create", "load", "suspend", "resume", "remove", "clear", "info", "table", "status",
     "list_devices", "target_versions", "target_version", "message",
     "CONTROL_PATH", "MAPPER_DIR",
@@ -197,6 +197,14 @@ def check_name(name: object, operation: str = "check name") -> bytes:
     if name in RESERVED_NAMES:
         raise InvalidNameError(operation, repr(name), f"{name!r} is reserved by device-mapper")
     return raw
+
+
+def check_new_name(name: object, operation: str) -> None:
+    """Refuse, before anything is made, a name the kernel would refuse or that is taken."""
+    check_name(name, operation)
+    if name in {d.name for d in list_devices()}:
+        raise DeviceExistsError(operation, str(name), "a dm device with this name already exists",
+                                errno.EEXIST)
 
 
 def check_uuid(uuid: object, operation: str = "check uuid") -> bytes:
