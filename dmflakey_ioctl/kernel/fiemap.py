@@ -144,8 +144,8 @@ def read_extents(fd: int, operation: str, path: str, end: int,
         start = following
 
 
-def _refuse(extent: Extent, operation: str, path: str) -> None:
-    where = f"at file bytes {extent.logical}..{extent.logical + extent.length - 1}"
+def _refuse(extent: Extent, size: int, operation: str, path: str) -> None:
+    where = f"at file bytes {extent.logical}..{min(extent.logical + extent.length, size) - 1}"
     for flag, what, why in REFUSED:
         if extent.flags & flag:
             raise InvalidArgumentError(operation, path, f"cannot map the file to sectors: it has {what} "
@@ -249,7 +249,7 @@ def file_extents(path: str) -> List[Tuple[int, int]]:
         extents = [e._replace(length=min(e.length, eof - e.logical))
                    for e in read_extents(fd, operation, path, eof) if e.logical < eof]
         for extent in extents:
-            _refuse(extent, operation, path)
+            _refuse(extent, st.st_size, operation, path)
         place = _placement(fd, st, operation, path, with_map=True)
         pieces: List[Tuple[int, int, Tuple[int, ...]]] = []
         for extent in extents:
