@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import struct
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Tuple
@@ -304,6 +305,18 @@ def test_btrfs_logical_addresses_are_translated_to_device_offsets(bed):
     moved = [e for e in raw for f_at, d_at, n in device_bytes
              if f_at <= e.logical < f_at + n and d_at + e.logical - f_at != e.physical]
     assert moved, f"every extent's btrfs address equals its device offset; nothing was translated: {raw}"
+
+
+@BTRFS
+def test_btrfs_file_in_a_subvolume_maps(bed):
+    """A subvolume has an anonymous st_dev of its own; the device and the chunk map are the same."""
+    subvolume = bed.mnt / "subvolume"
+    subprocess.run(["btrfs", "subvolume", "create", str(subvolume)], check=True, capture_output=True)
+    path = subvolume / "inside"
+    write_blocks(path, "sub", range(24))
+    assert os.stat(path).st_dev != os.stat(bed.mnt).st_dev   # a different anonymous number
+    assert file_device(str(path)) == bed.rdev
+    proven(bed.dev.device_path, path)
 
 
 # --------------------------------------------------------------------------- special filesystems
