@@ -85,7 +85,7 @@ def _uuid_text(raw: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def fs_info(fd: int) -> Optional[FsInfo]:
+def fs_info(fd: int, operation: str, path: str) -> Optional[FsInfo]:
     """The filesystem's id and device count, or None when fd is not on btrfs (ENOTTY)."""
     buf = bytearray(FS_INFO.size)
     try:
@@ -93,7 +93,7 @@ def fs_info(fd: int) -> Optional[FsInfo]:
     except OSError as exc:
         if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
             return None
-        raise
+        raise DMFlakeyError(operation, path, "BTRFS_IOC_FS_INFO failed", exc.errno or 0) from None
     max_id, num_devices, fsid = FS_INFO.unpack_from(buf)[:3]
     return FsInfo(max_id, num_devices, _uuid_text(fsid))
 
@@ -101,7 +101,7 @@ def fs_info(fd: int) -> Optional[FsInfo]:
 def device_id(fd: int, info: FsInfo, operation: str, path: str) -> int:
     """The devid of the filesystem's one device (ids are not reused, so probe 1..max_id)."""
     for devid in range(1, info.max_id + 1):
-        buf = bytearray(DEV_INFO.size)
+        buf = bytearray(DEV_INFO.size)   # devid in; a zero uuid matches any device
         DEV_INFO.pack_into(buf, 0, devid, bytes(16), 0, 0, *([0] * 379), b"")
         try:
             fcntl.ioctl(fd, BTRFS_IOC_DEV_INFO, buf)

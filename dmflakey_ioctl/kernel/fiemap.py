@@ -206,7 +206,7 @@ def _placement(fd: int, st: os.stat_result, operation: str, path: str, with_map:
     if os.major(st.st_dev) != 0:   # a filesystem on one block device: st_dev is that device
         _refuse_realtime(fd, operation, path)
         return _Placement(st.st_dev, None)
-    info = btrfs.fs_info(fd)
+    info = btrfs.fs_info(fd, operation, path)
     if info is None:
         fs_type = _fs_type(st.st_dev)
         raise UnsupportedFeatureError(
