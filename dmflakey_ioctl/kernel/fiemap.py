@@ -22,7 +22,7 @@ import struct
 from contextlib import contextmanager
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
-from . import btrfs
+from . import btrfs, mountinfo
 from ..errors import DMFlakeyError, InvalidArgumentError, UnsupportedFeatureError
 
 __all__ = ["Extent", "file_extents", "file_device", "read_extents", "request", "parse_answer",
@@ -97,17 +97,11 @@ def parse_answer(buf: bytes) -> List[Extent]:
 
 
 def _fs_type(dev: int) -> str:
-    """The type /proc/self/mountinfo names for the filesystem with device number dev (messages only)."""
-    key = f"{os.major(dev)}:{os.minor(dev)}"
+    """The type the mount table names for the filesystem with device number dev (for messages)."""
     try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                fields = line.split()
-                if fields[2] == key and "-" in fields[6:]:
-                    return fields[fields.index("-", 6) + 1]
-    except OSError:
-        pass  # only the wording of a message depends on it
-    return f"the filesystem on device {key}"
+        return next(m.fs_type for m in mountinfo.read() if m.dev == dev)
+    except (StopIteration, DMFlakeyError):
+        return f"the filesystem on device {os.major(dev)}:{os.minor(dev)}"
 
 
 def read_extents(fd: int, operation: str, path: str, end: int,

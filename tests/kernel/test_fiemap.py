@@ -27,7 +27,7 @@ import pytest
 from dmflakey_ioctl import fs, init_flakey
 from dmflakey_ioctl.errors import InvalidArgumentError, UnsupportedFeatureError
 from dmflakey_ioctl.flakey import Flakey
-from dmflakey_ioctl.kernel import loop
+from dmflakey_ioctl.kernel import blockdev, loop
 from dmflakey_ioctl.kernel.fiemap import file_device, file_extents, read_extents
 
 from .helpers import sparse_file, unique_name
@@ -91,7 +91,7 @@ def read_device(device: str, ranges: List[Tuple[int, int]]) -> bytes:
 
 def check_ranges(device: str, ranges: List[Tuple[int, int]]) -> None:
     """Every range lies on the device and no two overlap."""
-    size = loop.device_size(device) // 512
+    size = blockdev.size(device) // 512
     assert ranges and all(n > 0 and 0 <= s and s + n <= size for s, n in ranges), (ranges, size)
     ordered = sorted(ranges)
     assert all(a[0] + a[1] <= b[0] for a, b in zip(ordered, ordered[1:])), f"overlapping ranges {ranges}"

@@ -12,17 +12,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
-import shutil
 import struct
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from dmflakey_ioctl.errors import DMFlakeyError, InvalidArgumentError, UnsupportedFeatureError
 from dmflakey_ioctl.kernel import btrfs, fiemap
+
+from .uapi import assert_fields, layout, probe
 
 HEADERS = [Path("/usr/include/linux/fiemap.h"), Path("/usr/include/linux/fs.h"),
            Path("/usr/include/linux/btrfs.h"), Path("/usr/include/linux/btrfs_tree.h")]
@@ -70,78 +68,18 @@ MAPPABLE = ["MIXED_BACKREF", "DEFAULT_SUBVOL", "MIXED_GROUPS", "COMPRESS_LZO", "
 UNMAPPABLE = ["ZONED", "EXTENT_TREE_V2", "RAID_STRIPE_TREE"]
 
 
-def _c_source() -> str:
-    lines = []
-    for struct_name, fields in C_FIELDS.items():
-        lines.append(f'P("sizeof {struct_name}", sizeof(struct {struct_name}));')
-        for field in fields:
-            lines.append(f'P("offset {struct_name}.{field}", offsetof(struct {struct_name}, {field}));')
-            if (struct_name, field) not in FLEXIBLE:
-                lines.append(f'P("size {struct_name}.{field}", sizeof(((struct {struct_name} *)0)->{field}));')
-    for name in [n for names in CONSTANTS.values() for n in names] + HEADER_ONLY:
-        lines.append(f'P("const {name}", {name});')
-    for feature in MAPPABLE + UNMAPPABLE:
-        macro = f"BTRFS_FEATURE_INCOMPAT_{feature}"
-        lines.append(f'#ifdef {macro}\n    P("const {macro}", {macro});\n#endif')
-    body = "\n    ".join(lines)
-    return textwrap.dedent("""\
-        #include <stddef.h>
-        #include <stdio.h>
-        #include <sys/ioctl.h>
-        #include <linux/fs.h>
-        #include <linux/fiemap.h>
-        #include <linux/btrfs.h>
-        #include <linux/btrfs_tree.h>
-        #define P(label, value) printf("%s %llu\\n", label, (unsigned long long)(value))
-        int main(void) {
-            @BODY@
-            return 0;
-        }
-        """).replace("@BODY@", body)
-
-
 @pytest.fixture(scope="module")
 def c(tmp_path_factory) -> dict[str, int]:
     """Every size, offset and constant above, as gcc sees them in the installed headers."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is not installed (apt-get install gcc)")
-    missing = [str(h) for h in HEADERS if not h.exists()]
-    if missing:
-        pytest.skip(f"kernel UAPI headers missing: {', '.join(missing)} (apt-get install linux-libc-dev)")
-    tmp = tmp_path_factory.mktemp("uapi")
-    (tmp / "layout.c").write_text(_c_source())
-    build = subprocess.run([gcc, "-Wall", "-Werror", "-o", str(tmp / "layout"), str(tmp / "layout.c")],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, f"compiling the layout probe failed:\n{build.stderr}"
-    run = subprocess.run([str(tmp / "layout")], capture_output=True, text=True, check=True)
-    return {label: int(value) for label, value in (line.rsplit(" ", 1) for line in run.stdout.splitlines())}
-
-
-def _layout(fmt: str, groups: list[int]) -> list[tuple[int, int]]:
-    """(offset, size) of each C field of a struct format, field i taking groups[i] struct items."""
-    items, offset = [], 0
-    for count, code in re.findall(r"(\d*)([a-zA-Z])", fmt):
-        n = int(count or 1)
-        sizes = [n] if code == "s" else [struct.calcsize("=" + code)] * n
-        for size in sizes:
-            items.append((offset, size))
-            offset += size
-    assert sum(groups) == len(items), f"{fmt}: {len(items)} items, the fields take {sum(groups)}"
-    out, i = [], 0
-    for g in groups:
-        out.append((items[i][0], sum(size for _, size in items[i:i + g])))
-        i += g
-    return out
+    constants = [n for names in CONSTANTS.values() for n in names] + HEADER_ONLY
+    optional = [f"BTRFS_FEATURE_INCOMPAT_{feature}" for feature in MAPPABLE + UNMAPPABLE]
+    return probe(tmp_path_factory.mktemp("uapi"), HEADERS, C_FIELDS, FLEXIBLE, constants, optional)
 
 
 def _assert_layout(c: dict[str, int], name: str, packer: struct.Struct, groups: list[int],
                    fields: list[str] | None = None) -> None:
     fields = fields or [f for f in C_FIELDS[name] if (name, f) not in FLEXIBLE]
-    for field, (offset, size) in zip(fields, _layout(packer.format, groups)):
-        header = (c[f"offset {name}.{field}"], c[f"size {name}.{field}"])
-        assert (offset, size) == header, f"struct {name}.{field}: library (offset, size) {(offset, size)}, " \
-                                         f"header {header}"
+    assert_fields(c, name, fields, layout(packer.format, groups))
 
 
 # --------------------------------------------------------------------------- layouts
