@@ -295,9 +295,6 @@ class Flakey:
         """The sectors a scoped fault covers (merged), or None for the whole device."""
         if scope is None and exclude is None:
             return None
-        if operation == "allow_writes":
-            raise InvalidArgumentError(operation, self.name, "allow_writes covers the whole device: "
-                                       "it takes no scope")
         try:
             covered = self._resolve(scope) if scope is not None else ((0, self.sectors),)
             if exclude is not None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
+import mmap
 import os
 import re
 import subprocess
+from typing import Callable
 from pathlib import Path
 
+import pytest
+
 _counter = itertools.count()
+CHUNK = 64 * 1024          # one O_DIRECT call of this size is one bio
 
 
 def unique_name(prefix: str = "dmfi-t") -> str:
@@ -99,3 +105,48 @@ def expected_support(feature: str) -> bool:
             return False
         return read_corruption_works_here()
     raise AssertionError(f"no expectation for {feature}")
+
+
+def diff(a: bytes, b: bytes) -> list[int]:
+    """Offsets where a and b differ (fast for the usual zero or one difference)."""
+    assert len(a) == len(b)
+    out = []
+    for start in range(0, len(a), 4096):
+        if a[start:start + 4096] != b[start:start + 4096]:
+            out += [start + i for i, (x, y) in enumerate(zip(a[start:start + 4096], b[start:start + 4096]))
+                    if x != y]
+    return out
+
+
+class Direct:
+    """O_DIRECT access to a block device through page-aligned buffers: one call, one bio."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+
+    def read(self, offset: int, size: int = CHUNK) -> bytes:
+        with mmap.mmap(-1, size) as buf:
+            assert os.preadv(self.fd, [buf], offset) == size
+            return bytes(buf)
+
+    def write(self, offset: int, data: bytes) -> bytes:
+        """Write data; returns what the buffer holds afterwards (the kernel must not change it)."""
+        with mmap.mmap(-1, len(data)) as buf:
+            buf.write(data)
+            assert os.pwritev(self.fd, [buf], offset) == len(data)
+            return bytes(buf)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "Direct":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def expect_eio(action: Callable[[], object]) -> None:
+    with pytest.raises(OSError) as info:
+        action()
+    assert info.value.errno == errno.EIO, info.value

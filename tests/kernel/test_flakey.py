@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import math
-import mmap
 import os
 import signal
 import stat
@@ -34,14 +33,13 @@ from dmflakey_ioctl.ownership import UUID_PREFIX, Verdict
 from dmflakey_ioctl.fs import FSType
 from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, FlakeyTable
 
-from .helpers import dm_names, expected_support, unique_name
+from .helpers import CHUNK, Direct, diff, dm_names, expect_eio, expected_support, unique_name
 
 MiB = 1 << 20
 SIZE = {FSType.EXT4: 64 * MiB, FSType.XFS: fs.MIN_SIZE[FSType.XFS], FSType.BTRFS: fs.MIN_SIZE[FSType.BTRFS],
         None: 16 * MiB}
 # ext4 commits its journal only when asked: a background commit would save what a test expects lost
 OPTIONS = {FSType.EXT4: "commit=1000", FSType.XFS: "", FSType.BTRFS: ""}
-CHUNK = 64 * 1024          # one O_DIRECT call of this size is one bio
 BASE = 1 * MiB             # raw-device tests stay clear of sector 0
 FITHAW = 0xC0045878        # _IOWR('X', 120, int)
 
@@ -154,57 +152,12 @@ def within(seconds: float, action: Callable[[], None], thaw: Optional[Path] = No
         raise failure[0]
 
 
-def diff(a: bytes, b: bytes) -> list[int]:
-    """Offsets where a and b differ (fast for the usual zero or one difference)."""
-    assert len(a) == len(b)
-    out = []
-    for start in range(0, len(a), 4096):
-        if a[start:start + 4096] != b[start:start + 4096]:
-            out += [start + i for i, (x, y) in enumerate(zip(a[start:start + 4096], b[start:start + 4096]))
-                    if x != y]
-    return out
-
-
-class Direct:
-    """O_DIRECT access to a block device through page-aligned buffers: one call, one bio."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-
-    def read(self, offset: int, size: int = CHUNK) -> bytes:
-        with mmap.mmap(-1, size) as buf:
-            assert os.preadv(self.fd, [buf], offset) == size
-            return bytes(buf)
-
-    def write(self, offset: int, data: bytes) -> bytes:
-        """Write data; returns what the buffer holds afterwards (the kernel must not change it)."""
-        with mmap.mmap(-1, len(data)) as buf:
-            buf.write(data)
-            assert os.pwritev(self.fd, [buf], offset) == len(data)
-            return bytes(buf)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def __enter__(self) -> "Direct":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def image_bytes(dev: Flakey, offset: int, size: int = CHUNK) -> bytes:
     """What the image file behind the loop device holds."""
     assert dev.image_path
     with open(dev.image_path, "rb") as fh:
         fh.seek(offset)
         return fh.read(size)
-
-
-def expect_eio(action: Callable[[], object]) -> None:
-    with pytest.raises(OSError) as info:
-        action()
-    assert info.value.errno == errno.EIO, info.value
 
 
 class Holder:
