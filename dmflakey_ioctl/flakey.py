@@ -299,8 +299,8 @@ class Flakey:
             covered = self._resolve(scope) if scope is not None else ((0, self.sectors),)
             if exclude is not None:
                 covered = subtract_ranges(covered, self._resolve(exclude))
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(operation, self.name, exc.cause, exc.errno or 0) from None
+        except DMFlakeyError as exc:  # a file that cannot be mapped, a range off the device
+            raise exc.reframed(operation, self.name) from None
         if not covered:
             raise InvalidArgumentError(operation, self.name, "the scope holds no sectors (every "
                                        "one of them is excluded, or the files have no data blocks)")
