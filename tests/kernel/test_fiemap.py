@@ -57,8 +57,8 @@ def blocks_in(data: bytes) -> List[Optional[Tuple[str, int]]]:
     out = []
     for pos in range(0, len(data), BS):
         m = TAG.match(data, pos)
-        out.append((m.group(1).decode(), int(m.group(2))) if m and data[pos:pos + BS] == block(
-            m.group(1).decode(), int(m.group(2))) else None)
+        name = (m.group(1).decode(), int(m.group(2))) if m else None
+        out.append(name if name and data[pos:pos + BS] == block(*name) else None)
     return out
 
 
