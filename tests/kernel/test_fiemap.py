@@ -30,7 +30,7 @@ from dmflakey_ioctl.flakey import Flakey
 from dmflakey_ioctl.kernel import blockdev, loop
 from dmflakey_ioctl.kernel.fiemap import file_device, file_extents, read_extents
 
-from .helpers import sparse_file, unique_name
+from .helpers import Direct, sparse_file, unique_name
 
 MiB = 1 << 20
 BS = 4096
@@ -57,8 +57,8 @@ def blocks_in(data: bytes) -> List[Optional[Tuple[str, int]]]:
     out = []
     for pos in range(0, len(data), BS):
         m = TAG.match(data, pos)
-        out.append((m.group(1).decode(), int(m.group(2))) if m and data[pos:pos + BS] == block(
-            m.group(1).decode(), int(m.group(2))) else None)
+        name = (m.group(1).decode(), int(m.group(2))) if m else None
+        out.append(name if name and data[pos:pos + BS] == block(*name) else None)
     return out
 
 
@@ -76,17 +76,8 @@ def write_blocks(path: Path, tag: str, numbers, size: Optional[int] = None) -> N
 
 def read_device(device: str, ranges: List[Tuple[int, int]]) -> bytes:
     """The bytes at the ranges, in order, read with O_DIRECT (no page cache between us and the device)."""
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        out = []
-        for start, count in ranges:
-            buf = mmap.mmap(-1, count * 512)   # page-aligned, as O_DIRECT wants
-            assert os.preadv(fd, [buf], start * 512) == count * 512
-            out.append(bytes(buf))
-            buf.close()
-        return b"".join(out)
-    finally:
-        os.close(fd)
+    with Direct(device) as direct:
+        return b"".join(direct.read(start * 512, count * 512) for start, count in ranges)
 
 
 def check_ranges(device: str, ranges: List[Tuple[int, int]]) -> None:
