@@ -551,12 +551,11 @@ class Control:
                                          exc.errno) from None
             raise DMFlakeyError("open", self.path, "cannot open the device-mapper control file",
                                 exc.errno) from None
-        buf = pack_request()
         try:
-            fcntl.ioctl(fd, Command.VERSION.request, buf)
-        except OSError as exc:
+            buf = self._ioctl(fd, Command.VERSION, pack_request(), "version", None)
+        except DMFlakeyError:
             os.close(fd)
-            raise _error(Command.VERSION, "version", None, exc.errno or 0, list) from None
+            raise
         self._version = tuple(struct.unpack_from("=3I", buf))  # type: ignore[assignment]
         return fd
 
@@ -579,13 +578,15 @@ class Control:
         dev (the device's number, when known) lets an error quote the kernel log
         lines about this device and no other.
         """
-        fd = self.fileno()  # outside the try: its own errors (no dm, not root) stand
+        return self._ioctl(self.fileno(), command, buf, operation, device, dev)
+
+    def _ioctl(self, fd: int, command: Command, buf: bytearray, operation: str,
+               device: Optional[str], dev: Optional[int] = None) -> bytearray:
         since = time.monotonic()
         try:
             result = fcntl.ioctl(fd, command.request, buf)
         except OSError as exc:
-            err = exc.errno or 0
-            raise _error(command, operation, device, err,
+            raise _error(command, operation, device, exc.errno or 0,
                          lambda: self._log_about(buf, dev, since)) from None
         if result:  # e.g. DM_TARGET_MSG answers a positive value without errno
             raise DMFlakeyError(operation, device, f"DM_{command.name} answered {result} "
