@@ -238,8 +238,8 @@ def test_the_library_accepts_exactly_the_names_the_kernel_takes(zero):
                 continue
             verdicts[kernel] += 1
             if kernel != library:
-                mismatches.append((name, raw, "kernel" if kernel else f"kernel refused ({errno.errorcode.get(err, err)})",
-                                   "library accepts" if library else "library refuses"))
+                said = "kernel takes it" if kernel else f"kernel refuses ({errno.errorcode.get(err, err)})"
+                mismatches.append((name, raw, said, "library accepts" if library else "library refuses"))
         assert not mismatches, f"{len(mismatches)} names judged differently: {mismatches[:20]}"
         assert verdicts[True] >= 200 and verdicts[False] >= 60, verdicts
         # the documented exception: control characters the kernel takes and the library refuses

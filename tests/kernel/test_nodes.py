@@ -133,7 +133,8 @@ def private_dev(entries):
             os.mknod(f"/dev/{entry}", stat.S_IFCHR | 0o666, os.makedev(major, minor))
     finally:
         os.umask(old)
-    return [line.split()[2].decode() for line in open("/proc/self/mounts", "rb") if line.split()[1] == b"/dev"]
+    with open("/proc/self/mounts", "rb") as fh:
+        return [line.split()[2].decode() for line in fh if line.split()[1] == b"/dev"]
 '''
 
 CHILD_NAMESPACE = CHILD_COMMON + PRIVATE_DEV + r'''
@@ -181,7 +182,8 @@ def main():
     from dmflakey_ioctl import fs, init_flakey
     dev = init_flakey(name, folder, "ext4", size=32 << 20)
     number = int(dev.loop_device[len("/dev/loop"):])
-    report["loop"] = {"path": dev.loop_device, "node": node(dev.loop_device), "sysfs": sysfs_dev(f"loop{number}")}
+    report["loop"] = {"path": dev.loop_device, "node": node(dev.loop_device),
+                      "sysfs": sysfs_dev(f"loop{number}")}
     minor = os.minor(os.stat(dev.device_path).st_rdev)
     report["dm"] = {"node": node(dev.device_path), "sysfs": sysfs_dev(f"dm-{minor}"),
                     "name": open(f"/sys/block/dm-{minor}/dm/name").read().strip()}
@@ -251,7 +253,8 @@ def with_filesystem():
         fs.syncfs(target)
     finally:
         fs.umount(target)
-    report["mounted_after"] = any(line.split()[1] == os.fsencode(target) for line in open("/proc/self/mounts", "rb"))
+    with open("/proc/self/mounts", "rb") as fh:
+        report["mounted_after"] = any(line.split()[1] == os.fsencode(target) for line in fh)
 
 
 extra = with_filesystem

@@ -1,4 +1,4 @@
-"""Devices other tools made stay untouched: `dmflakey cleanup --all` and open_flakey against dmsetup's devices.
+"""Devices other tools made stay untouched: `dmflakey cleanup --all` and open_flakey vs dmsetup's devices.
 
 The foreign devices are made with dmsetup, the worst one a flakey device over
 a loop device and an image, exactly the shape of ours but without our uuid.
@@ -17,7 +17,7 @@ import pytest
 
 from dmflakey_ioctl.errors import DMFlakeyError, DeviceNotFoundError
 from dmflakey_ioctl.flakey import init_flakey, open_flakey
-from dmflakey_ioctl.kernel import dm, loop
+from dmflakey_ioctl.kernel import loop
 
 from .helpers import dm_names, dmsetup, sparse_file, unique_name
 

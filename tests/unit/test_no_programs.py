@@ -80,7 +80,7 @@ def spawn_sites(tree: ast.Module) -> List[Site]:
                 base = child.value
                 dotted = None
                 if isinstance(base, ast.Name):
-                    dotted = modules.get(base.id) or (functions.get(base.id) if base.id in functions else None)
+                    dotted = modules.get(base.id) or functions.get(base.id)
                 elif isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name):
                     root = modules.get(base.value.id)
                     dotted = f"{root}.{base.attr}" if root else None
