@@ -41,7 +41,7 @@ def dm_names() -> set[str]:
     names = set()
     for path in Path("/sys/block").glob("dm-*/dm/name"):
         try:
-            names.add(path.read_text().strip())
+            names.add(os.fsdecode(path.read_bytes().rstrip(b"\n")))  # a name need not be UTF-8
         except OSError:
             continue
     return names
