@@ -87,8 +87,8 @@ def recorded(request, tmp_path_factory):
     with loop.attach(str(data_image), block_size=bs) as data_dev, \
             loop.attach(str(log_image), block_size=bs) as log_dev:
         # keep the log device open with a page cached from before the recording: the kernel's
-        # log bios go past that cache, so the reader must drop it (this descriptor also keeps
-        # the device's cache from being dropped when dm releases the device)
+        # log bios go past that cache, so the reader must drop it (this descriptor, open until
+        # the end, keeps the kernel from dropping the cache at the device's last close)
         prime = os.open(log_dev.path, os.O_RDONLY)
         try:
             assert os.pread(prime, 4096, 0) == bytes(4096)
@@ -132,9 +132,10 @@ def recorded(request, tmp_path_factory):
                 if name in dm_names():
                     dm.remove(name)
             stale_super = os.pread(prime, 4096, 0)
+            # still open while the tests read the device: its last close would drop the cache
+            yield Recorded(bs, data_image, log_image, log_dev.path, at_mark, stale_super, discarded)
         finally:
             os.close(prime)
-        yield Recorded(bs, data_image, log_image, log_dev.path, at_mark, stale_super, discarded)
 
 
 def test_kernel_log_parses(recorded):
