@@ -20,7 +20,7 @@ from typing import Dict, List, NamedTuple
 
 import pytest
 
-from dmflakey_ioctl.errors import DMFlakeyError
+from dmflakey_ioctl.errors import DeviceBusyError, DMFlakeyError
 from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.writelog import END_MARK, LogFlags, WriteLog
 
@@ -206,6 +206,25 @@ def test_materialize_a_state_and_replay_onto_a_block_device(recorded, tmp_path):
             assert got[part] == b"\xee" * 4096, pos
     assert got[recorded.discarded[0]:sum(recorded.discarded)] == bytes(recorded.discarded[1])
     assert checked > 2 * MiB // 4096
+
+
+def test_replay_onto_a_device_held_by_dm_is_refused(recorded, tmp_path):
+    image = sparse_file(tmp_path / "held.img", DATA_SIZE)
+    name = unique_name("dmfi-lwheld")
+    with loop.attach(str(image), block_size=recorded.block_size) as dev:
+        try:
+            dm.create(name)
+            dm.load(name, [(0, DATA_SIZE // 512, "linear", f"{major_minor(dev.path)} 0")])
+            dm.resume(name)
+            with WriteLog.open(recorded.log_image) as log:
+                with pytest.raises(DeviceBusyError) as info:
+                    log.replay(dev.path)
+            assert info.value.errno == errno.EBUSY and "in use" in str(info.value)
+        finally:
+            if name in dm_names():
+                dm.remove(name)
+    with open(image, "rb") as fh:
+        assert not any(fh.read())                           # nothing was written
 
 
 def test_reading_the_log_block_device_drops_its_stale_cache(recorded):
