@@ -193,7 +193,7 @@ def header_walk(path: str) -> int:
 
 
 def summary(walls: List[float], cpus: List[float]) -> Dict[str, float]:
-    q1 = statistics.quantiles(walls, n=4)[0] if len(walls) >= 2 else walls[0]
+    q1 = statistics.quantiles(walls, n=4, method="inclusive")[0] if len(walls) >= 2 else walls[0]
     return {"median": statistics.median(walls), "q1": q1, "min": min(walls),
             "cpu_median": statistics.median(cpus), "runs": len(walls)}
 
