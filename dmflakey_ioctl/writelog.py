@@ -214,6 +214,7 @@ class WriteLog:
         self._owned = owned_identity
         self._closed = False
         self._can_populate = True
+        self._populated = 0              # log bytes below this one were mapped by _populate
         (self._sectors, self._counts, self._flags, self._offsets, self._labels,
          highest) = _index(view, len(mapping), sector_size, nr_entries, path)
         marks: Dict[str, List[int]] = {}
@@ -344,15 +345,19 @@ class WriteLog:
         """Map log bytes start..end into this process at once (MADV_POPULATE_READ, Linux 5.14).
 
         pwritev from the mapping otherwise takes a page fault every 16 pages;
-        one madvise is cheaper.  Kernels without it answer EINVAL: faults then.
+        one madvise is cheaper.  What an earlier replay mapped stays mapped,
+        so only bytes past the furthest mapped one are asked for.  Kernels
+        without the advice answer EINVAL: page faults then.
         """
-        if not self._can_populate:
+        start = max(start, self._populated)
+        if not self._can_populate or start >= end:
             return
         start -= start % mmap.PAGESIZE
         try:
             self._map.madvise(MADV_POPULATE_READ, start, end - start)
         except OSError:
             self._can_populate = False
+        self._populated = end
 
     def _size_from_mark(self) -> int:
         for label, indexes in self._marks.items():
