@@ -38,3 +38,45 @@ def dm_names() -> set[str]:
         except OSError:
             continue
     return names
+
+
+# When dm-flakey gained each newer feature: Linux's history, written here independently of the
+# library's own table so that the tests check that table against it.
+FLAKEY_FEATURE_RELEASE = {"error_reads": (6, 4), "random_read_corrupt": (6, 5),
+                          "random_write_corrupt": (6, 5)}
+
+
+def running_release() -> tuple[int, int]:
+    """(major, minor) of the running kernel, e.g. (6, 1) for 6.1.0-57-amd64."""
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def kernel_has(feature: str) -> bool:
+    """Whether the running kernel's dm-flakey has feature, by release."""
+    return running_release() >= FLAKEY_FEATURE_RELEASE[feature]
+
+
+def assert_refused(call, feature: str, name: str, table_before, data_unchanged) -> None:
+    """call() must raise UnsupportedFeatureError naming feature, the release that added it and the
+    running release, and change nothing: same live table, not suspended, no inactive table, and
+    data_unchanged() (which reads the device again) true.
+
+    table_before is what dm.table(name) returned before the call.
+    """
+    from dmflakey_ioctl.errors import UnsupportedFeatureError
+    from dmflakey_ioctl.kernel import dm
+
+    try:
+        call()
+    except UnsupportedFeatureError as err:
+        since = ".".join(map(str, FLAKEY_FEATURE_RELEASE[feature]))
+        running = os.uname().release
+        assert (err.feature, err.since, err.running) == (feature, since, running), err
+        assert feature in str(err) and since in str(err) and running in str(err) and name in str(err)
+    else:
+        raise AssertionError(f"{feature} on {os.uname().release} was not refused")
+    info = dm.info(name)
+    assert not info.suspended and not info.inactive_table and info.live_table, info
+    assert dm.table(name) == table_before
+    assert data_unchanged(), f"the data on {name} changed"
