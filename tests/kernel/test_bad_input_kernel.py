@@ -70,7 +70,9 @@ def test_every_table_the_builder_accepts_the_kernel_accepts(zero, scratch):
             with pytest.raises(TableRejectedError) as refused:
                 dm.load(scratch, line)
             assert refused.value.errno == errno.EINVAL, (case, refused.value)
-            assert "Unrecognised flakey feature" in refused.value.kernel_log, (case, refused.value)
+            # (or, with more feature words than that kernel's maximum, a refused count)
+            assert "Unrecognised flakey feature" in refused.value.kernel_log or \
+                "Invalid number of feature args" in refused.value.kernel_log, (case, refused.value)
             after = dm.info(scratch)
             assert (after.live_table, after.inactive_table, after.suspended) == \
                 (before.live_table, False, False), (case, after)
