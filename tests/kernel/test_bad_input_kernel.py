@@ -55,7 +55,7 @@ def scratch():
 def test_every_table_the_builder_accepts_the_kernel_accepts(zero, scratch):
     number = f"{zero.major}:{zero.minor}"
     rng = random.Random(SEED)  # the unit test's first sequence, with this device and room
-    loaded = 0
+    loaded = refused = 0
     for case in range(TABLE_CASES):
         args = random_table_args(rng, [number, zero.path], max_offset=ZERO_SECTORS - TARGET_SECTORS)
         try:
@@ -76,6 +76,7 @@ def test_every_table_the_builder_accepts_the_kernel_accepts(zero, scratch):
             after = dm.info(scratch)
             assert (after.live_table, after.inactive_table, after.suspended) == \
                 (before.live_table, False, False), (case, after)
+            refused += 1
             continue
         try:
             dm.load(scratch, line)
@@ -90,7 +91,8 @@ def test_every_table_the_builder_accepts_the_kernel_accepts(zero, scratch):
         # the kernel prints the device as major:minor, whatever form the table used
         assert back.equivalent(dataclasses.replace(table, device=number)), (case, table.params(), live[0].params)
         loaded += 1
-    assert loaded > TABLE_CASES // 4, loaded
+    # enough cases reached the kernel (on a kernel without the newer features, many are refused)
+    assert loaded + refused > TABLE_CASES // 4 and loaded > TABLE_CASES // 8, (loaded, refused)
 
 
 def test_every_name_the_checker_accepts_the_kernel_accepts(zero):
