@@ -67,12 +67,12 @@ def test_every_table_the_builder_accepts_the_kernel_accepts(zero, scratch):
                    if (getattr(table, f) not in (None, False)) and not kernel_has(f)]
         if missing:   # a newer feature this kernel lacks: refused at load, nothing changes
             before = dm.info(scratch)
-            with pytest.raises(TableRejectedError) as refused:
+            with pytest.raises(TableRejectedError) as rejection:
                 dm.load(scratch, line)
-            assert refused.value.errno == errno.EINVAL, (case, refused.value)
+            assert rejection.value.errno == errno.EINVAL, (case, rejection.value)
             # (or, with more feature words than that kernel's maximum, a refused count)
-            assert "Unrecognised flakey feature" in refused.value.kernel_log or \
-                "Invalid number of feature args" in refused.value.kernel_log, (case, refused.value)
+            assert "Unrecognised flakey feature" in rejection.value.kernel_log or \
+                "Invalid number of feature args" in rejection.value.kernel_log, (case, rejection.value)
             after = dm.info(scratch)
             assert (after.live_table, after.inactive_table, after.suspended) == \
                 (before.live_table, False, False), (case, after)
