@@ -60,6 +60,7 @@ TYPE_MAX = 15        # DM_MAX_TYPE_NAME - 1
 BUFFER_START = 16384
 BUFFER_MAX = 32 << 20
 RESERVED_NAMES = {"control", ".", ".."}
+UDEV_WAIT = 30.0     # seconds udev may take to make or drop /dev/mapper/<name> (seen: over 2 s, loaded)
 
 
 class Command(enum.IntEnum):
@@ -699,7 +700,10 @@ class Control:
                 delay = min(delay * 2, 0.2)
         # a deferred removal keeps the device until its last close; its node can go now
         nodes.remove_node(info.path, info.dev)
-        return not reply.flags & Flag.DEFERRED_REMOVE
+        gone = not reply.flags & Flag.DEFERRED_REMOVE
+        if gone and nodes.udev_manages_mapper():   # udev drops its link a moment later: wait
+            nodes.wait_for_link_gone(info.path, UDEV_WAIT)
+        return gone
 
     def clear(self, device: DeviceRef) -> None:
         """Drop the inactive (loaded but not resumed) table."""
@@ -820,7 +824,8 @@ class Control:
         if not info.live_table:
             return
         path = info.path
-        if nodes.udev_manages_mapper() and nodes.wait_for_node(path, stat.S_IFBLK, info.dev, 2.0):
+        if nodes.udev_manages_mapper() and nodes.wait_for_node(path, stat.S_IFBLK, info.dev,
+                                                               UDEV_WAIT):
             return
         nodes.ensure_node(path, stat.S_IFBLK, info.dev, 0o600)
 
