@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dmflakey_ioctl import features, fs
-from dmflakey_ioctl.errors import DMFlakeyError, InvalidArgumentError, UnsupportedFeatureError
+from dmflakey_ioctl.errors import DMFlakeyError, InvalidArgumentError
 from dmflakey_ioctl.flakey import Flakey, init_flakey, open_flakey
 from dmflakey_ioctl.fs import FSType
 from dmflakey_ioctl.kernel import dm
