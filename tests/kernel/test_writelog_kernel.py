@@ -16,7 +16,7 @@ import os
 import random
 import struct
 from pathlib import Path
-from typing import Dict, List, NamedTuple
+from typing import Dict, NamedTuple
 
 import pytest
 
