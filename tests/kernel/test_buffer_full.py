@@ -39,10 +39,10 @@ def replies(monkeypatch):
     seen: list[tuple] = []
     send = dm.Control.send
 
-    def spy(self, command, buf, operation, device):
-        reply = send(self, command, buf, operation, device)
-        seen.append((command, bool(reply.flags & dm.Flag.BUFFER_FULL), len(buf)))
-        return reply
+    def spy(self, command, buf, operation, device, **kwargs):
+        answer = send(self, command, buf, operation, device, **kwargs)
+        seen.append((command, bool(dm.Reply(answer).flags & dm.Flag.BUFFER_FULL), len(buf)))
+        return answer
 
     monkeypatch.setattr(dm.Control, "send", spy)
     return seen
