@@ -16,6 +16,8 @@ from .errors import (
     InvalidTableError,
     KernelSupportError,
     LeftAloneWarning,
+    LogFormatError,
+    LogFullError,
     NotRootError,
     PermissionDeniedError,
     ProgramFailedError,
@@ -26,6 +28,8 @@ from .errors import (
 
 if TYPE_CHECKING:  # for type checkers; at run time __getattr__ below imports on first use
     from .cleanup import OwnedDevice, cleanup_stale, list_owned
+    from .crashreport import CrashReport, CrashState
+    from .explorer import explore
     from .flakey import (
         DEFAULT_IMAGE_SIZE,
         DEFAULT_INTERVAL,
@@ -39,16 +43,28 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ below imports on
     )
     from .fs import FSType, mount, syncfs, umount
     from .kernel.fiemap import file_extents
+    from .recording import Recording, open_recording, record_writes, record_writes_to
     from .tables.delay import DelayTable
     from .tables.flakey import CorruptBIOByte, Direction, FlakeyTable
     from .tables.linear import LinearTable
     from .tables.segments import DeviceTable, Segment
+    from .writelog import LogEntry, LogFlags, WriteLog
 
 __version__ = "0.2.0"
 
 # Public names are imported on first use (PEP 562): `import dmflakey_ioctl` loads only the
 # exceptions, so the pytest plugin (loaded in every pytest session) and the CLI start fast.
 _LAZY = {
+    "CrashReport": "crashreport",
+    "CrashState": "crashreport",
+    "explore": "explorer",
+    "Recording": "recording",
+    "open_recording": "recording",
+    "record_writes": "recording",
+    "record_writes_to": "recording",
+    "LogEntry": "writelog",
+    "LogFlags": "writelog",
+    "WriteLog": "writelog",
     "OwnedDevice": "cleanup",
     "cleanup_stale": "cleanup",
     "list_owned": "cleanup",
@@ -74,13 +90,13 @@ _LAZY = {
     "DeviceTable": "tables.segments",
     "Segment": "tables.segments",
 }
-_SUBMODULES = ("cleanup", "errors", "features", "flakey", "fs", "images", "kernel", "ownership",
-               "tables")
+_SUBMODULES = ("cleanup", "crashreport", "errors", "explorer", "features", "flakey", "fs",
+               "images", "kernel", "ownership", "recording", "tables", "writelog")
 
 __all__ = sorted([
     "DMFlakeyError", "DeviceBusyError", "DeviceExistsError", "DeviceNotFoundError",
     "InvalidArgumentError", "InvalidNameError", "InvalidTableError", "KernelSupportError",
-    "LeftAloneWarning", "NotRootError", "PermissionDeniedError", "ProgramFailedError",
+    "LeftAloneWarning", "LogFormatError", "LogFullError", "NotRootError", "PermissionDeniedError", "ProgramFailedError",
     "ProgramNotFoundError", "TableRejectedError",
     "UnsupportedFeatureError", *_LAZY,
 ])

@@ -109,13 +109,19 @@ def teardown(name: str, uuid: str, images: Sequence[BackingImage], *, delete_ima
 
 
 def remove_owned(device: OwnedDevice, operation: str = "remove") -> None:
-    """Tear down a device of ours found in the kernel's list, with what its table maps."""
+    """Tear down a device of ours found in the kernel's list, with the images it owns.
+
+    A device over a block device the caller gave (kind ``dev``) owns nothing under
+    it: that loop device or disk stays exactly as it is.  A probe's memory-backed
+    loop device goes by itself (autoclear) with the probe.
+    """
+    owns = device.owner.kind.owns_images
     try:
-        targets = dm.table(dm.ByUuid(device.uuid, device.name))
+        targets = dm.table(dm.ByUuid(device.uuid, device.name)) if owns else []
     except DeviceNotFoundError:
         return
-    teardown(device.name, device.uuid, images_in_table(targets),
-             delete_images=device.owner.kind.owns_images, operation=operation)
+    teardown(device.name, device.uuid, images_in_table(targets), delete_images=owns,
+             operation=operation)
 
 
 def _holders(device: OwnedDevice) -> int:

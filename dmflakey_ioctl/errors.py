@@ -57,6 +57,16 @@ class DMFlakeyError(OSError):
     def __str__(self) -> str:
         return self.message
 
+    def reframed(self, operation: str, device: Optional[str]) -> "DMFlakeyError":
+        """The same error (class, errno, attributes) told as part of the caller's operation.
+
+        ``file device /x: not on a block device`` met while switching a fault
+        becomes ``drop_writes dev0: file device /x: not on a block device``.
+        """
+        where = f"{self.operation} {self.device}" if self.device else self.operation
+        return type(self)(operation, device, f"{where}: {self.cause}", self.errno or 0,
+                          **self._extra)
+
     def __reduce__(self):  # picklable, so errors cross multiprocessing boundaries intact
         args = (self.operation, self.device, self.cause, self.errno or 0)
         return (_rebuild, (type(self), args, self._extra))

@@ -38,6 +38,8 @@ FEATURE_SINCE: Dict[str, str] = {
     "random_write_corrupt": "Linux 6.5",
     "corrupt_bio_byte_read": ("the mid-2025 fix \"dm-flakey: make corrupting read bios work\" "
                               "(in the 6.6, 6.12 and 6.15 stable lines and later releases)"),
+    "corrupt_bio_byte_write": ("Linux 6.5 (\"dm flakey: clone pages on write bio before corrupting "
+                               "them\")"),
     "delay_flush": "Linux 4.19",
 }
 # How the lack shows, for the error message.
@@ -47,6 +49,8 @@ _LACK = {
     "random_write_corrupt": "this kernel's dm-flakey has no random_write_corrupt",
     "corrupt_bio_byte_read": "this kernel's dm-flakey accepts corrupt_bio_byte in the read direction "
                              "but corrupts nothing",
+    "corrupt_bio_byte_write": "this kernel's dm-flakey corrupts the written data in the caller's "
+                              "own memory (the page cache, an O_DIRECT buffer), not only on disk",
     "delay_flush": "this kernel's dm-delay has no separate flush delay",
 }
 
@@ -68,8 +72,9 @@ def needed(table: object) -> List[str]:
     out = [f for f in ("error_reads", "random_read_corrupt", "random_write_corrupt")
            if getattr(table, f) not in (None, False)]
     corrupt = table.corrupt_bio_byte
-    if corrupt is not None and corrupt.direction is Direction.READ:
-        out.append("corrupt_bio_byte_read")
+    if corrupt is not None:
+        out.append("corrupt_bio_byte_read" if corrupt.direction is Direction.READ
+                   else "corrupt_bio_byte_write")
     return out
 
 
@@ -100,7 +105,7 @@ def _scratch(table: Callable[[str], tuple]) -> Iterator[tuple[str, int]]:
 
 
 def _io(path: str, write: Optional[bytes] = None) -> bytes:
-    """One O_DIRECT block read (or write, then the data written) of the device at path."""
+    """One O_DIRECT block read (or write) of the device at path, through a page-aligned buffer."""
     buf = mmap.mmap(-1, _BLOCK)
     fd = os.open(path, (os.O_RDWR if write is not None else os.O_RDONLY) | os.O_DIRECT
                  | os.O_CLOEXEC)
@@ -108,9 +113,9 @@ def _io(path: str, write: Optional[bytes] = None) -> bytes:
         if write is not None:
             buf.write(write)
             os.pwritev(fd, [buf], 0)
-            return write
-        os.preadv(fd, [buf], 0)
-        return bytes(buf)
+        else:
+            os.preadv(fd, [buf], 0)
+        return bytes(buf)   # after a write: what the caller's buffer holds now
     finally:
         os.close(fd)
         buf.close()
@@ -176,6 +181,14 @@ def _first_byte_read_as(value: int) -> Callable[[str, int], bool]:
     return lambda path, memfd: _io(path)[0] == value and os.pread(memfd, 1, 0)[0] == _PATTERN
 
 
+def _write_corrupted_buffer_intact(path: str, memfd: int) -> bool:
+    """The stored byte changed, and the caller's buffer did not (kernels before 6.5 corrupt the
+    bio's pages in place: the caller's memory, a page cache page, a shared library's page)."""
+    data = bytes([_PATTERN ^ 0x0F]) * _BLOCK
+    left = _io(path, data)
+    return os.pread(memfd, 1, 0)[0] == _PATTERN ^ 0xFF and left == data
+
+
 def _flush_held_back(path: str, memfd: int) -> bool:
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -191,6 +204,9 @@ PROBES: Dict[str, Probe] = {
     "corrupt_bio_byte_read": Probe(
         _flakey(corrupt_bio_byte=CorruptBIOByte(1, Direction.READ, _PATTERN ^ 0xFF)),
         _first_byte_read_as(_PATTERN ^ 0xFF)),
+    "corrupt_bio_byte_write": Probe(
+        _flakey(corrupt_bio_byte=CorruptBIOByte(1, Direction.WRITE, _PATTERN ^ 0xFF)),
+        _write_corrupted_buffer_intact),
     "random_read_corrupt": Probe(_flakey(random_read_corrupt=PROBABILITY_MAX), _reads_corrupted),
     "random_write_corrupt": Probe(_flakey(random_write_corrupt=PROBABILITY_MAX), _writes_corrupted),
     "delay_flush": Probe(lambda backing: (0, _SCRATCH_BYTES // 512, "delay", DelayTable(

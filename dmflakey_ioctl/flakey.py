@@ -23,15 +23,16 @@ import os
 import stat
 import sys
 from contextlib import ExitStack, contextmanager
-from typing import (TYPE_CHECKING, Callable, Dict, Hashable, Iterator, List, Optional, Sequence,
+from typing import (TYPE_CHECKING, Dict, Hashable, Iterator, List, Optional, Sequence,
                     Tuple, Union)
 
 from . import cleanup, features, fs
 from .cleanup import OwnedDevice, cleanup_stale
-from .errors import (DeviceExistsError, DeviceNotFoundError, DMFlakeyError, InvalidArgumentError,
+from .errors import (DeviceNotFoundError, DMFlakeyError, InvalidArgumentError,
                      InvalidNameError)
 from .fs import FSType
-from .images import BackingImage, attach_image, backing_of, create_image, delete_image
+from .images import (BackingImage, attach_image, backing_of, check_image_size, create_image,
+                     delete_image)
 from .kernel import blockdev, dm, mountinfo
 from .kernel.dm import check_device_mapper
 from .ownership import Kind, Owner
@@ -294,15 +295,12 @@ class Flakey:
         """The sectors a scoped fault covers (merged), or None for the whole device."""
         if scope is None and exclude is None:
             return None
-        if operation == "allow_writes":
-            raise InvalidArgumentError(operation, self.name, "allow_writes covers the whole device: "
-                                       "it takes no scope")
         try:
             covered = self._resolve(scope) if scope is not None else ((0, self.sectors),)
             if exclude is not None:
                 covered = subtract_ranges(covered, self._resolve(exclude))
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(operation, self.name, exc.cause, exc.errno or 0) from None
+        except DMFlakeyError as exc:  # a file that cannot be mapped, a range off the device
+            raise exc.reframed(operation, self.name) from None
         if not covered:
             raise InvalidArgumentError(operation, self.name, "the scope holds no sectors (every "
                                        "one of them is excluded, or the files have no data blocks)")
@@ -412,12 +410,6 @@ def _create_device(name: str, uuid: str, backing: str, sectors: int, undo: ExitS
     return info.dev
 
 
-def _check_new_name(name: str, operation: str) -> None:
-    dm.check_name(name, operation)
-    if name in {d.name for d in dm.list_devices()}:
-        raise DeviceExistsError(operation, name, "a dm device with this name already exists")
-
-
 def init_flakey(name: str, data_dir: str, fs_type: Optional[Union[FSType, str]] = FSType.EXT4,
                 mkfs_options: Union[Sequence[str], str, None] = None,
                 size: int = DEFAULT_IMAGE_SIZE, *, persistent: bool = False) -> Flakey:
@@ -429,17 +421,6 @@ def init_flakey(name: str, data_dir: str, fs_type: Optional[Union[FSType, str]] 
     """
     return init_flakey_image(name, os.path.join(data_dir, f"{name}.img"), fs_type, mkfs_options,
                              size, persistent=persistent)
-
-
-def check_image_size(size: object, fs_kind: Optional[FSType], operation: str, name: str) -> int:
-    """size as a positive multiple of 512 big enough for the filesystem, or InvalidArgumentError."""
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
-        raise InvalidArgumentError(operation, name, f"size must be a positive multiple of 512 "
-                                   f"bytes, got {size!r}")
-    if fs_kind is not None and size < fs.MIN_SIZE[fs_kind]:
-        raise InvalidArgumentError(operation, name, f"{fs_kind.value} needs at least "
-                                   f"{fs.MIN_SIZE[fs_kind]} bytes, got {size}")
-    return size
 
 
 def init_flakey_image(name: str, image_path: str,
@@ -455,7 +436,7 @@ def init_flakey_image(name: str, image_path: str,
     dm.check_name(name, operation)
     fs_kind = None if fs_type is None else fs.check_fs_type(fs_type, operation, name)
     check_image_size(size, fs_kind, operation, name)
-    _check_new_name(name, operation)
+    dm.check_new_name(name, operation)
     image_path = os.path.realpath(image_path)
     owner = Owner.current(Kind.FLAKEY_IMAGE, persistent)
     uuid = owner.uuid()
@@ -476,7 +457,7 @@ def init_flakey_image(name: str, image_path: str,
 def attach_flakey(name: str, device: str, *, persistent: bool = False) -> Flakey:
     """Map an existing block device as a flakey device; teardown leaves the device itself alone."""
     operation = "attach_flakey"
-    _check_new_name(name, operation)
+    dm.check_new_name(name, operation)
     backing, sectors = _block_device(device, operation, name)
     owner = Owner.current(Kind.FLAKEY_DEVICE, persistent)
     uuid = owner.uuid()

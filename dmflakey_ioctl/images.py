@@ -18,10 +18,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import DeviceExistsError, DMFlakeyError, LeftAloneWarning
+from .errors import DeviceExistsError, DMFlakeyError, InvalidArgumentError, LeftAloneWarning
+from .fs import MIN_SIZE, FSType
 from .kernel import loop
 
-__all__ = ["BackingImage", "create_image", "attach_image", "backing_of", "release", "delete_image"]
+__all__ = ["BackingImage", "check_image_size", "create_image", "attach_image", "backing_of", "release", "delete_image"]
 
 DELETED = " (deleted)"   # how sysfs shows the path of a bound file that was unlinked
 
@@ -39,6 +40,17 @@ class BackingImage:
     def major_minor(self) -> str:
         """The loop device as a dm table names it."""
         return f"{os.major(self.loop_dev)}:{os.minor(self.loop_dev)}"
+
+
+def check_image_size(size: object, fs_kind: Optional[FSType], operation: str, name: str) -> int:
+    """size as a positive multiple of 512 big enough for the filesystem, or InvalidArgumentError."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
+        raise InvalidArgumentError(operation, name, f"size must be a positive multiple of 512 "
+                                   f"bytes, got {size!r}")
+    if fs_kind is not None and size < MIN_SIZE[fs_kind]:
+        raise InvalidArgumentError(operation, name, f"{fs_kind.value} needs at least "
+                                   f"{MIN_SIZE[fs_kind]} bytes, got {size}")
+    return size
 
 
 def create_image(path: str, size: int, operation: str, device: str) -> tuple[int, int]:

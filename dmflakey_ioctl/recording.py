@@ -25,14 +25,13 @@ from typing import Optional, Sequence, Union
 from . import cleanup, fs
 from .errors import DeviceNotFoundError, DMFlakeyError, InvalidArgumentError, InvalidNameError, \
     LogFullError
-from .flakey import check_image_size
 from .fs import FSType
-from .images import (BackingImage, attach_image, backing_of, create_image, delete_image,
-                     release)
+from .images import (BackingImage, attach_image, backing_of, check_image_size, create_image,
+                     delete_image, release)
 from .kernel import blockdev, dm, mountinfo
 from .ownership import Kind, Owner
 from .tables.log_writes import LogWritesStatus, LogWritesTable
-from .writelog import SIZE_MARK_PREFIX, WriteLog, check_mark_label
+from .writelog import END_MARK, SIZE_MARK_PREFIX, WriteLog, check_mark_label
 
 __all__ = ["Recording", "record_writes", "record_writes_to", "open_recording",
            "DEFAULT_RECORDING_SIZE"]
@@ -121,18 +120,20 @@ class Recording:
 
     def _check_logging(self, operation: str) -> None:
         if self.status().logging_disabled:
-            raise self._log_full(operation)
+            raise self._log_full(operation, self._bytes_to_log())
 
-    def _log_full(self, operation: str) -> LogFullError:
+    def _log_full(self, operation: str, needed: int) -> LogFullError:
         """The log ran out of space: say how big it is and about how big it had to be."""
-        needed = self._bytes_to_log()
         return LogFullError(operation, self.name, f"the log ran out of space: {self.log_path} "
                             f"holds {self.log_size} bytes; the writes so far needed about "
                             f"{needed} bytes (record again with a larger log_size)", errno.ENOSPC,
                             log_size=self.log_size, needed=needed)
 
     def _bytes_to_log(self) -> int:
-        """What a complete log of the writes so far takes, from the device's I/O statistics."""
+        """What a complete log of the writes so far takes, from the device's I/O statistics.
+
+        Read while the device exists: its statistics go with it.
+        """
         try:
             with open(f"/sys/dev/block/{os.major(self.dev)}:{os.minor(self.dev)}/stat") as fh:
                 fields = [int(v) for v in fh.read().split()]
@@ -147,19 +148,26 @@ class Recording:
 
         The returned WriteLog owns the log file: its close() deletes it unless
         keep=True.  The data image stays with the Recording until teardown().
+        Writes that were not flushed yet are logged during the removal, so a
+        log can fill up right then: a log whose last entry is not the kernel's
+        end mark is incomplete, and that is a LogFullError too.
         """
         if self._stopped:
             raise InvalidArgumentError("stop", self.name, "the recording was stopped already")
         for point in reversed(self.mount_points()):
             fs.umount(point)
         full = self.status().logging_disabled
+        needed = self._bytes_to_log()
         dm.remove(dm.ByUuid(self.uuid, self.name))
         self._stopped = True
         for image in (self.data, self.log):
             release(image, delete=False)
         if full:
-            raise self._log_full("stop")
+            raise self._log_full("stop", needed)
         log = WriteLog.open(self.log_path, owned_identity=self.log.identity)
+        if not len(log) or log[-1].label != END_MARK:
+            log.close(keep=True)   # still the Recording's: teardown() deletes it
+            raise self._log_full("stop", needed)
         self._log_handed_over = True
         return log
 
@@ -206,8 +214,7 @@ def record_writes_to(name: str, image_path: str, log_path: str,
     if size % unit or log_size % unit:
         raise InvalidArgumentError(operation, name, f"size and log_size must be multiples of the "
                                    f"block size {unit}")
-    if name in {d.name for d in dm.list_devices()}:
-        raise InvalidNameError(operation, name, "a dm device with this name already exists")
+    dm.check_new_name(name, operation)
     image_path, log_path = os.path.realpath(image_path), os.path.realpath(log_path)
     if image_path == log_path:
         raise InvalidArgumentError(operation, name, "the data image and the log need two paths")
@@ -255,7 +262,7 @@ def open_recording(name: str) -> Recording:
         raise DMFlakeyError("open_recording", name, "its data or log device holds no image file")
     data, log = found  # type: ignore[misc]
     log_size = blockdev.size(log.loop_path)
-    sector_size = blockdev.logical_block_size(log.loop_path)
+    sector_size = blockdev.logical_block_size(data.loop_path)  # the log counts in the data's unit
     filesystem = None if info.suspended else fs.detect_fs(info.path)
     return Recording(name, info.uuid, info.dev, owner=owner, data=data, log=log,
                      size=targets[0].length * 512, log_size=log_size, sector_size=sector_size,

@@ -54,10 +54,14 @@ import struct
 from array import array
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from .errors import DeviceExistsError, DMFlakeyError, InvalidArgumentError, LogFormatError
-from .kernel.blockdev import BLKGETSIZE64
+from .errors import (DeviceBusyError, DeviceExistsError, DMFlakeyError, InvalidArgumentError,
+                     LogFormatError)
+from .kernel.blockdev import BLKGETSIZE64, BLKZEROOUT
 
 if TYPE_CHECKING:
+    from typing import Callable
+
+    from .crashreport import CrashReport
     import ctypes
 
 __all__ = ["LogFlags", "LogEntry", "ReplayResult", "WriteLog", "Replayer", "check_mark_label",
@@ -72,7 +76,6 @@ SIZE_MARK_PREFIX = "dmflakey-size:"
 END_MARK = "dm-log-writes-end"     # the kernel's last entry when the device is removed
 MIN_SECTOR, MAX_SECTOR = 512, 65536
 
-BLKZEROOUT = 0x127F
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
@@ -106,11 +109,15 @@ def _flag_names(flags: int) -> List[str]:
 
 
 def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}".replace(".0 ", " ")
-        size /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+    """4096 -> '4 KiB', 1536 -> '1.5 KiB', 100 -> '100 B'."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f}".rstrip("0").rstrip(".") + f" {unit}"
 
 
 class LogEntry(NamedTuple):
@@ -209,6 +216,7 @@ class WriteLog:
         self._owned = owned_identity
         self._closed = False
         self._can_populate = True
+        self._populated = 0              # log bytes below this one were mapped by _populate
         (self._sectors, self._counts, self._flags, self._offsets, self._labels,
          highest) = _index(view, len(mapping), sector_size, nr_entries, path)
         marks: Dict[str, List[int]] = {}
@@ -339,15 +347,19 @@ class WriteLog:
         """Map log bytes start..end into this process at once (MADV_POPULATE_READ, Linux 5.14).
 
         pwritev from the mapping otherwise takes a page fault every 16 pages;
-        one madvise is cheaper.  Kernels without it answer EINVAL: faults then.
+        one madvise is cheaper.  What an earlier replay mapped stays mapped,
+        so only bytes past the furthest mapped one are asked for.  Kernels
+        without the advice answer EINVAL: page faults then.
         """
-        if not self._can_populate:
+        start = max(start, self._populated)
+        if not self._can_populate or start >= end:
             return
         start -= start % mmap.PAGESIZE
         try:
             self._map.madvise(MADV_POPULATE_READ, start, end - start)
         except OSError:
             self._can_populate = False
+        self._populated = end
 
     def _size_from_mark(self) -> int:
         for label, indexes in self._marks.items():
@@ -382,7 +394,7 @@ class WriteLog:
             raise InvalidArgumentError("replay", self.path, f"start entry {start} comes after the "
                                        f"last entry to apply ({last})")
         with self.replayer(target, start=start, discard=discard) as replayer:
-            result = replayer.advance(last)
+            result = replayer.advance(until)
             replayer.flush()
         return result
 
@@ -411,6 +423,14 @@ class WriteLog:
             raise
 
     # -- life cycle -------------------------------------------------------------------------
+
+    def explore(self, check: "Callable[[str], object]", **options: object) -> "CrashReport":
+        """Check the disk state at every crash point: ``explore(self, check, **options)``.
+
+        See :func:`dmflakey_ioctl.explorer.explore` for the options.
+        """
+        from .explorer import explore
+        return explore(self, check, **options)  # type: ignore[arg-type]
 
     @property
     def closed(self) -> bool:
@@ -446,8 +466,12 @@ class WriteLog:
 class Replayer:
     """Applies a log's entries onto one target, forward from ``position``.
 
-    Writes go through the target's page cache: call :meth:`flush` before any
-    other device or program reads the target (a dm snapshot over it, a mount).
+    The target is a regular file of at least ``log.device_size`` bytes or a
+    block device that nothing mounts or holds (checked when the replayer is
+    made, before any write).  Writes go through the target's page cache: call
+    :meth:`flush` before any other device or program reads the target (a dm
+    snapshot over it, a mount).  After an error the target holds a partial
+    replay.
     """
 
     def __init__(self, log: WriteLog, target: Union[str, "os.PathLike[str]"], *, start: int = 0,
@@ -476,6 +500,7 @@ class Replayer:
             self._block = stat.S_ISBLK(st.st_mode)
             if self._block:
                 size = _block_size(fd, operation, self.target)
+                _refuse_if_in_use(self.target, operation)
             elif stat.S_ISREG(st.st_mode):
                 size = st.st_size
             else:
@@ -712,6 +737,23 @@ def _block_size(fd: int, operation: str, path: str) -> int:
     except OSError as exc:
         raise DMFlakeyError(operation, path, "BLKGETSIZE64 failed", exc.errno or 0) from None
     return struct.unpack("=Q", buf)[0]
+
+
+def _refuse_if_in_use(path: str, operation: str) -> None:
+    """DeviceBusyError for a block device that is mounted or held (an exclusive open fails).
+
+    Writing under a filesystem or a dm table corrupts what they see; the probe
+    runs while the replayer's own descriptor is open, so closing it is not the
+    device's last close.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise DeviceBusyError(operation, path, "the target is in use (mounted, or held by a dm "
+                                  "device): replaying under it would corrupt it", exc.errno) from None
+        raise DMFlakeyError(operation, path, "cannot open the replay target", exc.errno or 0) from None
+    os.close(fd)
 
 
 def _drop_page_cache(fd: int, operation: str, path: str) -> None:

@@ -9,6 +9,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional
 
 from .. import list_owned
+from ..cleanup import OwnedDevice
 from ..errors import DeviceNotFoundError, DMFlakeyError
 from ..flakey import (DEFAULT_INTERVAL, Flakey, attach_flakey, cleanup_stale, init_flakey_image,
                       open_flakey)
@@ -136,12 +137,14 @@ def _switch(apply: Callable[[Flakey, argparse.Namespace, Dict[str, Any]], None]
 def _flakey_status(dev: Flakey) -> Dict[str, Any]:
     table = dev.table()
     fault = table.fault
+    info = dm.info(dm.ByUuid(dev.uuid, dev.name))
     return {
         "name": dev.name, "kind": "flakey", "uuid": dev.uuid, "device": dev.device_path,
         "dev": f"{os.major(dev.dev)}:{os.minor(dev.dev)}",
         "backing": dev.backing, "loop_device": dev.loop_device, "image": dev.image_path,
         "filesystem": dev.filesystem.value if dev.filesystem else None,
         "size": dev.sectors * 512, "persistent": dev.owner.persistent,
+        "suspended": info.suspended, "open_count": info.open_count, "read_only": info.read_only,
         "owner": dev.owner.describe(), "owner_pid": dev.owner.pid or None,
         "mode": table_mode(fault),
         "up_interval": getattr(fault, "up_interval", None),
@@ -150,6 +153,7 @@ def _flakey_status(dev: Flakey) -> Dict[str, Any]:
         "segments": [{"start": s.start, "length": s.length, "target": s.table.target_type,
                       "params": s.table.params()} for s in table.segments],
         "scope": [list(r) for r in table.scope] if table.scope is not None else None,
+        "table": "\n".join(" ".join(str(w) for w in s.target()) for s in table.segments),
         "mount_points": dev.mount_points(),
     }
 
@@ -214,15 +218,34 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _list_entry(device: OwnedDevice) -> Dict[str, Any]:
+    """What list says of a device: its owner from the uuid, the rest read back where possible."""
+    verdict = device.owner.verdict()
+    entry: Dict[str, Any] = {
+        "name": device.name, "uuid": device.uuid, "kind": device.owner.kind.name.lower(),
+        "device": f"/dev/mapper/{device.name}", "owner": device.owner.describe(),
+        "state": verdict.value, "stale": verdict is Verdict.STALE,
+        "persistent": device.owner.persistent, "owner_pid": device.owner.pid or None,
+        "mode": None, "loop_device": None, "image": None,
+    }
+    try:
+        found = _open_any(device.name)
+    except DMFlakeyError:
+        return entry   # half-made (no table yet) or removed meanwhile: what the uuid tells
+    if isinstance(found, Recording):
+        entry.update(mode="recording", loop_device=found.data.loop_path, image=found.image_path)
+    else:
+        entry.update(mode=table_mode(found.table().fault), loop_device=found.loop_device,
+                     image=found.image_path)
+    return entry
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     entries = []
     for device in sorted(list_owned(), key=lambda d: d.name):
         if device.owner.kind is Kind.PROBE:
             continue
-        entries.append({"name": device.name, "uuid": device.uuid, "kind": device.owner.kind.name
-                        .lower(), "device": f"/dev/mapper/{device.name}",
-                        "owner": device.owner.describe(), "state": device.owner.verdict().value,
-                        "stale": device.owner.verdict() is Verdict.STALE})
+        entries.append(_list_entry(device))
     if args.json:
         _print_json(entries)
         return EXIT_OK

@@ -34,7 +34,7 @@ from ..errors import (DeviceBusyError, DeviceExistsError, DeviceNotFoundError, D
 __all__ = [
     "Command", "Flag", "Target", "DeviceInfo", "ListedDevice", "ByUuid", "DeviceRef", "Control",
     "PreparedCall", "TableSwap",
-    "check_name", "check_uuid", "check_device_mapper", "pack_request", "control",
+    "check_name", "check_new_name", "check_uuid", "check_device_mapper", "pack_request", "control",
     "version", "create", "load", "suspend", "resume", "remove", "clear", "info", "table", "status",
     "list_devices", "target_versions", "target_version", "message",
     "CONTROL_PATH", "MAPPER_DIR",
@@ -60,6 +60,7 @@ TYPE_MAX = 15        # DM_MAX_TYPE_NAME - 1
 BUFFER_START = 16384
 BUFFER_MAX = 32 << 20
 RESERVED_NAMES = {"control", ".", ".."}
+UDEV_WAIT = 30.0     # seconds udev may take to make or drop /dev/mapper/<name> (seen: over 2 s, loaded)
 
 
 class Command(enum.IntEnum):
@@ -197,6 +198,14 @@ def check_name(name: object, operation: str = "check name") -> bytes:
     if name in RESERVED_NAMES:
         raise InvalidNameError(operation, repr(name), f"{name!r} is reserved by device-mapper")
     return raw
+
+
+def check_new_name(name: object, operation: str) -> None:
+    """Refuse, before anything is made, a name the kernel would refuse or that is taken."""
+    check_name(name, operation)
+    if name in {d.name for d in list_devices()}:
+        raise DeviceExistsError(operation, str(name), "a dm device with this name already exists",
+                                errno.EEXIST)
 
 
 def check_uuid(uuid: object, operation: str = "check uuid") -> bytes:
@@ -547,12 +556,11 @@ class Control:
                                          exc.errno) from None
             raise DMFlakeyError("open", self.path, "cannot open the device-mapper control file",
                                 exc.errno) from None
-        buf = pack_request()
         try:
-            fcntl.ioctl(fd, Command.VERSION.request, buf)
-        except OSError as exc:
+            buf = self._ioctl(fd, Command.VERSION, pack_request(), "version", None)
+        except DMFlakeyError:
             os.close(fd)
-            raise _error(Command.VERSION, "version", None, exc.errno or 0, list) from None
+            raise
         self._version = tuple(struct.unpack_from("=3I", buf))  # type: ignore[assignment]
         return fd
 
@@ -575,13 +583,15 @@ class Control:
         dev (the device's number, when known): an error quotes the kernel log lines
         about this device and no other, and none once the number is another's.
         """
-        fd = self.fileno()  # outside the try: its own errors (no dm, not root) stand
+        return self._ioctl(self.fileno(), command, buf, operation, device, dev)
+
+    def _ioctl(self, fd: int, command: Command, buf: bytearray, operation: str,
+               device: Optional[str], dev: Optional[int] = None) -> bytearray:
         since = time.monotonic()
         try:
             result = fcntl.ioctl(fd, command.request, buf)
         except OSError as exc:
-            err = exc.errno or 0
-            raise _error(command, operation, device, err,
+            raise _error(command, operation, device, exc.errno or 0,
                          lambda: self._log_about(buf, dev, since)) from None
         if result:  # e.g. DM_TARGET_MSG answers a positive value without errno
             raise DMFlakeyError(operation, device, f"DM_{command.name} answered {result} "
@@ -698,7 +708,10 @@ class Control:
                 delay = min(delay * 2, 0.2)
         # a deferred removal keeps the device until its last close; its node can go now
         nodes.remove_node(info.path, info.dev)
-        return not reply.flags & Flag.DEFERRED_REMOVE
+        gone = not reply.flags & Flag.DEFERRED_REMOVE
+        if gone and nodes.udev_manages_mapper():   # udev drops its link a moment later: wait
+            nodes.wait_for_link_gone(info.path, UDEV_WAIT)
+        return gone
 
     def clear(self, device: DeviceRef) -> None:
         """Drop the inactive (loaded but not resumed) table."""
@@ -819,7 +832,8 @@ class Control:
         if not info.live_table:
             return
         path = info.path
-        if nodes.udev_manages_mapper() and nodes.wait_for_node(path, stat.S_IFBLK, info.dev, 2.0):
+        if nodes.udev_manages_mapper() and nodes.wait_for_node(path, stat.S_IFBLK, info.dev,
+                                                               UDEV_WAIT):
             return
         nodes.ensure_node(path, stat.S_IFBLK, info.dev, 0o600)
 

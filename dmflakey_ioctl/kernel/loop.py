@@ -325,9 +325,10 @@ def bound_identity(path: str) -> Optional[tuple[int, int]]:
 
 
 def _backing_file(number: int) -> Optional[str]:
+    """The path sysfs shows for the bound file (any bytes: decoded with os.fsdecode)."""
     try:
-        with open(f"/sys/block/loop{number}/loop/backing_file") as fh:
-            return fh.read().rstrip("\n")
+        with open(f"/sys/block/loop{number}/loop/backing_file", "rb") as fh:
+            return os.fsdecode(fh.read().rstrip(b"\n"))
     except OSError:
         return None
 

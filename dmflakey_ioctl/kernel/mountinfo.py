@@ -47,6 +47,8 @@ class Mount:
 
 def unescape(field: bytes) -> str:
     """A mountinfo field as a str: octal escapes undone, decoded as file names are."""
+    if b"\\" not in field:
+        return os.fsdecode(field)
     return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
 
 

@@ -76,7 +76,8 @@ def system_state() -> dict[str, set[str]]:
         except OSError:
             continue
     mapper = {p.name for p in Path("/dev/mapper").iterdir()} if Path("/dev/mapper").is_dir() else set()
-    mounts = {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()}
+    # bytes: a mount whose path is not UTF-8 (a test makes one) must not break this check
+    mounts = {os.fsdecode(line.split()[1]) for line in Path("/proc/self/mounts").read_bytes().splitlines()}
     return {"dm devices": dm, "loop devices": loops, "/dev/mapper nodes": mapper, "mounts": mounts}
 
 

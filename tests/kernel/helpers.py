@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
+import mmap
 import os
-import re
 import subprocess
+from typing import Callable
 from pathlib import Path
 
+import pytest
+
 _counter = itertools.count()
+CHUNK = 64 * 1024          # one O_DIRECT call of this size is one bio
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -58,17 +63,69 @@ def dm_names() -> set[str]:
     names = set()
     for path in Path("/sys/block").glob("dm-*/dm/name"):
         try:
-            names.add(path.read_text().strip())
+            names.add(os.fsdecode(path.read_bytes().rstrip(b"\n")))  # a name need not be UTF-8
         except OSError:
             continue
     return names
 
 
-def kernel_release() -> tuple[int, int, int]:
-    """The running kernel's version as numbers, e.g. (6, 12, 95)."""
-    numbers = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", os.uname().release)
-    assert numbers, os.uname().release
-    return int(numbers.group(1)), int(numbers.group(2)), int(numbers.group(3) or 0)
+# When each newer feature arrived: Linux's history, written here independently of the library's
+# own table so that the tests check that table against it.  Read-direction corrupt_bio_byte came
+# with a mid-2025 fix that reached some stable lines only: no release number tells.
+FLAKEY_FEATURE_RELEASE = {"error_reads": (6, 4), "random_read_corrupt": (6, 5),
+                          "random_write_corrupt": (6, 5), "corrupt_bio_byte_write": (6, 5),
+                          "delay_flush": (4, 19)}
+READ_CORRUPTION_FIX = "dm-flakey: make corrupting read bios work"
+
+
+def running_release() -> tuple[int, int]:
+    """(major, minor) of the running kernel, e.g. (6, 1) for 6.1.0-57-amd64."""
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def kernel_has(feature: str) -> bool:
+    """Whether the running kernel should have feature, by release (or, for read corruption in
+    the stable lines between 6.6 and 6.15, by a device of the test's own)."""
+    if feature == "corrupt_bio_byte_read":
+        release = running_release()
+        if release >= (6, 16):
+            return True
+        if release < (6, 6):
+            return False
+        return read_corruption_works_here()
+    return running_release() >= FLAKEY_FEATURE_RELEASE[feature]
+
+
+def expected_since(feature: str) -> str:
+    """What UnsupportedFeatureError.since must say for feature."""
+    if feature == "corrupt_bio_byte_read":
+        return READ_CORRUPTION_FIX
+    return "Linux " + ".".join(map(str, FLAKEY_FEATURE_RELEASE[feature]))
+
+
+def assert_refused(call, feature: str, name: str, table_before, data_unchanged) -> None:
+    """call() must raise UnsupportedFeatureError naming feature, the release that added it and the
+    running release, and change nothing: same live table, not suspended, no inactive table, and
+    data_unchanged() (which reads the device again) true.
+
+    table_before is what dm.table(name) returned before the call.
+    """
+    from dmflakey_ioctl.errors import UnsupportedFeatureError
+    from dmflakey_ioctl.kernel import dm
+
+    try:
+        call()
+    except UnsupportedFeatureError as err:
+        since, running = expected_since(feature), os.uname().release
+        assert (err.feature, err.running) == (feature, running) and since in err.since, err
+        assert since in str(err) and running in str(err) and name in str(err)
+    else:
+        raise AssertionError(f"{feature} on {os.uname().release} was not refused")
+    info = dm.info(name)
+    assert not info.suspended and not info.inactive_table and info.live_table, info
+    assert dm.table(name) == table_before
+    assert data_unchanged(), f"the data on {name} changed"
 
 
 def read_corruption_works_here() -> bool:
@@ -101,24 +158,46 @@ def read_corruption_works_here() -> bool:
                 dm.remove(name)
 
 
-def expected_support(feature: str) -> bool:
-    """Whether this kernel should have feature, from the release that added it.
+def diff(a: bytes, b: bytes) -> list[int]:
+    """Offsets where a and b differ (fast for the usual zero or one difference)."""
+    assert len(a) == len(b)
+    out = []
+    for start in range(0, len(a), 4096):
+        if a[start:start + 4096] != b[start:start + 4096]:
+            out += [start + i for i, (x, y) in enumerate(zip(a[start:start + 4096], b[start:start + 4096]))
+                    if x != y]
+    return out
 
-    Read-direction corrupt_bio_byte came with a mid-2025 fix backported to some
-    stable lines only: 6.1 and 5.10 never got it, 6.16 and later have it; in
-    between a device of the test's own decides.
-    """
-    release = kernel_release()[:2]
-    if feature == "error_reads":
-        return release >= (6, 4)
-    if feature in ("random_read_corrupt", "random_write_corrupt"):
-        return release >= (6, 5)
-    if feature == "delay_flush":
-        return release >= (4, 19)
-    if feature == "corrupt_bio_byte_read":
-        if release >= (6, 16):
-            return True
-        if release < (6, 6):
-            return False
-        return read_corruption_works_here()
-    raise AssertionError(f"no expectation for {feature}")
+
+class Direct:
+    """O_DIRECT access to a block device through page-aligned buffers: one call, one bio."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+
+    def read(self, offset: int, size: int = CHUNK) -> bytes:
+        with mmap.mmap(-1, size) as buf:
+            assert os.preadv(self.fd, [buf], offset) == size
+            return bytes(buf)
+
+    def write(self, offset: int, data: bytes) -> bytes:
+        """Write data; returns what the buffer holds afterwards (the kernel must not change it)."""
+        with mmap.mmap(-1, len(data)) as buf:
+            buf.write(data)
+            assert os.pwritev(self.fd, [buf], offset) == len(data)
+            return bytes(buf)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "Direct":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def expect_eio(action: Callable[[], object]) -> None:
+    with pytest.raises(OSError) as info:
+        action()
+    assert info.value.errno == errno.EIO, info.value

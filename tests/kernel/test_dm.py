@@ -204,7 +204,8 @@ def test_rejected_table_reports_the_kernel_reason(backing, name):
 def test_list_devices_and_targets_agree_with_dmsetup(name):
     dm.create(name, uuid=f"DMFI-list-{name}")
     listed = {d.name: d for d in dm.list_devices()}
-    assert listed[name].uuid == f"DMFI-list-{name}"
+    # the kernel lists uuids since dm ioctl 4.45 (Linux 5.15; not 5.10)
+    assert listed[name].uuid == (f"DMFI-list-{name}" if dm.version() >= (4, 45, 0) else None)
     info = dm.info(name)
     assert (listed[name].major, listed[name].minor) == (info.major, info.minor)
     assert f"{name}\t({info.major}:{info.minor})" in dmsetup("ls").splitlines()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -12,6 +14,19 @@ SYNCED = b"fsync()ed before the power cut\n" * 100
 UNSYNCED = b"never synced\n" * 100
 # ext4 commits its journal every 5 s by default, which could make unsynced data durable
 OPTIONS = {"ext4": "commit=1000", "xfs": ""}
+BLOCK = 4096
+OFFSET = 1 << 20
+
+
+def direct_read(device: str) -> bytes:
+    """BLOCK bytes at OFFSET read with O_DIRECT: what the device returns, not the page cache."""
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, BLOCK)
+        assert os.preadv(fd, [buf], OFFSET) == BLOCK
+        return bytes(buf)
+    finally:
+        os.close(fd)
 
 
 def write(path: Path, data: bytes, sync: bool) -> None:
@@ -62,11 +77,25 @@ def test_factory_names_sizes_and_options(flakey_factory, tmp_path):
     with open(first.device_path, "rb") as fh:
         fh.seek(1024 + 120)  # ext4 superblock: s_volume_name
         assert fh.read(16).rstrip(b"\0") == b"fixturetest"
-    # a fault on one device leaves the other alone
+    # a fault on one device leaves the other alone: the second fails writes, the first's land
     second.error_writes()
+    data = os.urandom(BLOCK)
     fd = os.open(first.device_path, os.O_WRONLY)
     try:
-        os.pwrite(fd, b"x" * 4096, 1 << 20)
+        os.pwrite(fd, data, OFFSET)
         os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert direct_read(first.device_path) == data          # from the device, past the page cache
+    with open(first.image_path, "rb") as fh:              # and in the file behind the loop device
+        fh.seek(OFFSET)
+        assert fh.read(BLOCK) == data
+    fd = os.open(second.device_path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, BLOCK)                         # page-aligned, as O_DIRECT wants
+        buf.write(data)
+        with pytest.raises(OSError) as failed:
+            os.pwritev(fd, [buf], OFFSET)
+        assert failed.value.errno == errno.EIO             # the fault is really on, there
     finally:
         os.close(fd)

@@ -16,11 +16,11 @@ import os
 import random
 import struct
 from pathlib import Path
-from typing import Dict, List, NamedTuple
+from typing import Dict, NamedTuple
 
 import pytest
 
-from dmflakey_ioctl.errors import DMFlakeyError
+from dmflakey_ioctl.errors import DeviceBusyError, DMFlakeyError
 from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.writelog import END_MARK, LogFlags, WriteLog
 
@@ -87,8 +87,8 @@ def recorded(request, tmp_path_factory):
     with loop.attach(str(data_image), block_size=bs) as data_dev, \
             loop.attach(str(log_image), block_size=bs) as log_dev:
         # keep the log device open with a page cached from before the recording: the kernel's
-        # log bios go past that cache, so the reader must drop it (this descriptor also keeps
-        # the device's cache from being dropped when dm releases the device)
+        # log bios go past that cache, so the reader must drop it (this descriptor, open until
+        # the end, keeps the kernel from dropping the cache at the device's last close)
         prime = os.open(log_dev.path, os.O_RDONLY)
         try:
             assert os.pread(prime, 4096, 0) == bytes(4096)
@@ -132,9 +132,10 @@ def recorded(request, tmp_path_factory):
                 if name in dm_names():
                     dm.remove(name)
             stale_super = os.pread(prime, 4096, 0)
+            # still open while the tests read the device: its last close would drop the cache
+            yield Recorded(bs, data_image, log_image, log_dev.path, at_mark, stale_super, discarded)
         finally:
             os.close(prime)
-        yield Recorded(bs, data_image, log_image, log_dev.path, at_mark, stale_super, discarded)
 
 
 def test_kernel_log_parses(recorded):
@@ -205,6 +206,25 @@ def test_materialize_a_state_and_replay_onto_a_block_device(recorded, tmp_path):
             assert got[part] == b"\xee" * 4096, pos
     assert got[recorded.discarded[0]:sum(recorded.discarded)] == bytes(recorded.discarded[1])
     assert checked > 2 * MiB // 4096
+
+
+def test_replay_onto_a_device_held_by_dm_is_refused(recorded, tmp_path):
+    image = sparse_file(tmp_path / "held.img", DATA_SIZE)
+    name = unique_name("dmfi-lwheld")
+    with loop.attach(str(image), block_size=recorded.block_size) as dev:
+        try:
+            dm.create(name)
+            dm.load(name, [(0, DATA_SIZE // 512, "linear", f"{major_minor(dev.path)} 0")])
+            dm.resume(name)
+            with WriteLog.open(recorded.log_image) as log:
+                with pytest.raises(DeviceBusyError) as info:
+                    log.replay(dev.path)
+            assert info.value.errno == errno.EBUSY and "in use" in str(info.value)
+        finally:
+            if name in dm_names():
+                dm.remove(name)
+    with open(image, "rb") as fh:
+        assert not any(fh.read())                           # nothing was written
 
 
 def test_reading_the_log_block_device_drops_its_stale_cache(recorded):

@@ -195,3 +195,58 @@ def test_bad_usage_from_a_real_process():
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
     assert "one of the arguments --image --device is required" in proc.stderr
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == cli.EXIT_OK
+    from dmflakey_ioctl import __version__
+    assert capsys.readouterr().out.strip() == f"dmflakey {__version__}"
+
+
+@pytest.mark.parametrize("command", ["allow-writes", "drop-writes", "error-writes", "error-reads"])
+def test_interval_zero_is_bad_usage_in_the_cli_s_own_words(capsys, command):
+    assert cli.main([command, "dev", "--interval", "0"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--interval" in err and "at least 1 second" in err
+
+
+def test_every_subcommand_has_a_description_and_create_help_names_size_with_image():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        assert sub.description, f"{name} has no description"
+    create = subparsers.choices["create"].format_help()
+    assert "--size" in create and "required with --image" in " ".join(create.split())
+
+
+@pytest.mark.parametrize("argv", [
+    ["delay", "dev", "--read-ms", "-1"],
+    ["drop-writes", "dev", "--sectors", "10"],
+    ["drop-writes", "dev", "--sectors", "10+0"],
+    ["explore", "log", "--check", "true", "--points", "sometimes"],
+    ["replay", "log"],
+])
+def test_bad_new_options_are_usage_errors(capsys, argv):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_scope_options_reach_the_switch(monkeypatch, capsys):
+    seen = {}
+
+    class Fake:
+        name = "dev"
+
+        def drop_writes(self, **kw):
+            seen.update(kw)
+
+        def table(self):
+            from dmflakey_ioctl.tables.segments import DeviceTable
+            return DeviceTable.whole(8, FlakeyTable("7:0", 0, 5, drop_writes=True))
+
+    monkeypatch.setattr(cli, "check_device_mapper", lambda: None)
+    monkeypatch.setattr(devices, "open_flakey", lambda name: Fake())
+    assert cli.main(["drop-writes", "dev", "--file", "/a", "--sectors", "8+2", "--sectors", "20+4",
+                     "--exclude-sectors", "9+1", "--up-interval", "3"]) == cli.EXIT_OK
+    assert seen["scope"] == ["/a", (8, 2), (20, 4)] and seen["exclude"] == [(9, 1)]
+    assert seen["up_interval"] == 3 and seen["interval"] == 120

@@ -198,8 +198,9 @@ def test_a_failing_program_is_program_failed_with_its_output_tail(tmp_path, monk
 def test_mkfs_stdin_is_an_empty_pipe_so_no_dev_null_is_needed(tmp_path, monkeypatch):
     """subprocess.DEVNULL opens os.devnull: point that nowhere, as an empty tmpfs /dev does."""
     record = tmp_path / "stdin"
-    fake_mkfs(tmp_path, monkeypatch, f"#!{sys.executable}\nimport os, sys\nwith open({str(record)!r}, 'w') as fh:\n"
-              f"    fh.write(os.readlink('/proc/self/fd/0') + '\\n' + sys.stdin.read())\n".encode())
+    script = (f"#!{sys.executable}\nimport os, sys\nwith open({str(record)!r}, 'w') as fh:\n"
+              f"    fh.write(os.readlink('/proc/self/fd/0') + '\\n' + sys.stdin.read())\n")
+    fake_mkfs(tmp_path, monkeypatch, script.encode())
     monkeypatch.setattr("os.devnull", str(tmp_path / "no-dev" / "null"))
     fs.mkfs(image_with(tmp_path, 0, b""), "ext4")
     assert record.read_text().startswith("pipe:[") and record.read_text().count("\n") == 1

@@ -7,17 +7,15 @@ off, or a request number with a wrong size field, fails here.
 
 from __future__ import annotations
 
-import re
-import shutil
 import struct
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from dmflakey_ioctl.kernel import blockdev, dm, loop
 from dmflakey_ioctl.errors import InvalidArgumentError, InvalidNameError
+
+from .uapi import assert_fields, layout, probe
 
 HEADERS = [Path("/usr/include/linux/dm-ioctl.h"), Path("/usr/include/linux/loop.h"),
            Path("/usr/include/linux/fs.h")]
@@ -56,87 +54,11 @@ CONSTANTS = [
 COMMANDS = {c: (f"DM_{c.name}", f"DM_{c.name}_CMD") for c in dm.Command}
 
 
-def _c_source() -> str:
-    lines = []
-    for struct_name, fields in C_FIELDS.items():
-        lines.append(f'P("sizeof {struct_name}", sizeof(struct {struct_name}));')
-        for field in fields:
-            lines.append(f'P("offset {struct_name}.{field}", offsetof(struct {struct_name}, {field}));')
-            if (struct_name, field) not in FLEXIBLE:
-                lines.append(f'P("size {struct_name}.{field}", sizeof(((struct {struct_name} *)0)->{field}));')
-    for name in CONSTANTS:
-        lines.append(f'P("const {name}", {name});')
-    for macro, enum_name in COMMANDS.values():
-        lines.append(f'P("const {macro}", {macro});')
-        lines.append(f'P("const {enum_name}", {enum_name});')
-    body = "\n    ".join(lines)
-    return textwrap.dedent("""\
-        #include <stddef.h>
-        #include <stdio.h>
-        #include <sys/ioctl.h>
-        #include <linux/dm-ioctl.h>
-        #include <linux/loop.h>
-        #include <linux/fs.h>
-        #define P(label, value) printf("%s %llu\\n", label, (unsigned long long)(value))
-        int main(void) {
-            @BODY@
-            return 0;
-        }
-        """).replace("@BODY@", body)
-
-
 @pytest.fixture(scope="module")
 def c(tmp_path_factory) -> dict[str, int]:
     """Every size, offset and constant above, as gcc sees them in the installed headers."""
-    # A missing compiler or header fails: skipping would pass a run that checked no layout at all.
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.fail("gcc is not installed: `make deps` installs it (Debian package gcc)")
-    missing = [str(h) for h in HEADERS if not h.exists()]
-    if missing:
-        pytest.fail(f"kernel UAPI headers missing: {', '.join(missing)}: `make deps` installs them "
-                    "(Debian package linux-libc-dev)")
-    tmp = tmp_path_factory.mktemp("uapi")
-    (tmp / "layout.c").write_text(_c_source())
-    build = subprocess.run([gcc, "-Wall", "-Werror", "-o", str(tmp / "layout"), str(tmp / "layout.c")],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, f"compiling the layout probe failed:\n{build.stderr}"
-    run = subprocess.run([str(tmp / "layout")], capture_output=True, text=True, check=True)
-    values = {}
-    for line in run.stdout.splitlines():
-        label, value = line.rsplit(" ", 1)
-        values[label] = int(value)
-    return values
-
-
-def _layout(fmt: str, groups: list[int]) -> list[tuple[int, int]]:
-    """(offset, size) of each C field of a '='-format, a field taking groups[i] struct items."""
-    items = []
-    offset = 0
-    for count, code in re.findall(r"(\d*)([a-zA-Z])", fmt):
-        n = int(count or 1)
-        if code == "s":
-            items.append((offset, n))
-            offset += n
-        else:
-            size = struct.calcsize("=" + code)
-            for _ in range(n):
-                items.append((offset, size))
-                offset += size
-    assert sum(groups) == len(items), f"{fmt}: {len(items)} items, fields take {sum(groups)}"
-    out, i = [], 0
-    for g in groups:
-        out.append((items[i][0], sum(size for _, size in items[i:i + g])))
-        i += g
-    return out
-
-
-def _assert_fields(c: dict[str, int], struct_name: str, fields: list[str],
-                   layout: list[tuple[int, int]], base: int = 0) -> None:
-    for field, (offset, size) in zip(fields, layout):
-        assert (offset + base, size) == (c[f"offset {struct_name}.{field}"], c[f"size {struct_name}.{field}"]), \
-            f"struct {struct_name}.{field}: library has offset {offset + base} size {size}, " \
-            f"the header says offset {c[f'offset {struct_name}.{field}']} size {c[f'size {struct_name}.{field}']}"
+    commands = [name for pair in COMMANDS.values() for name in pair]
+    return probe(tmp_path_factory.mktemp("uapi"), HEADERS, C_FIELDS, FLEXIBLE, CONSTANTS + commands)
 
 
 # --------------------------------------------------------------------------- dm structs
@@ -144,7 +66,7 @@ def _assert_fields(c: dict[str, int], struct_name: str, fields: list[str],
 def test_dm_ioctl_header_matches_the_header_file(c):
     assert dm.HEADER.size == c["sizeof dm_ioctl"] == 312
     fields = C_FIELDS["dm_ioctl"]
-    _assert_fields(c, "dm_ioctl", fields, _layout(dm.HEADER.format, [3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]))
+    assert_fields(c, "dm_ioctl", fields, layout(dm.HEADER.format, [3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]))
     assert dm.HEADER_DATA == c["offset dm_ioctl.data"]
     assert c["sizeof dm_ioctl"] % 8 == 0  # the first target spec at data_start is 8-aligned
     assert dm.NAME_MAX == c["const DM_NAME_LEN"] - 1
@@ -155,23 +77,23 @@ def test_dm_ioctl_header_matches_the_header_file(c):
 
 def test_dm_target_spec_matches_the_header_file(c):
     assert dm.TARGET_SPEC.size == c["sizeof dm_target_spec"] == 40
-    _assert_fields(c, "dm_target_spec", C_FIELDS["dm_target_spec"],
-                   _layout(dm.TARGET_SPEC.format, [1, 1, 1, 1, 1]))
+    assert_fields(c, "dm_target_spec", C_FIELDS["dm_target_spec"],
+                   layout(dm.TARGET_SPEC.format, [1, 1, 1, 1, 1]))
 
 
 def test_variable_records_match_the_header_file(c):
     # dm_name_list: dev, next, then the name at 12 (sizeof is 16: never use it as the name offset)
-    _assert_fields(c, "dm_name_list", ["dev", "next"], _layout(dm.NAME_LIST.format, [1, 1]))
+    assert_fields(c, "dm_name_list", ["dev", "next"], layout(dm.NAME_LIST.format, [1, 1]))
     assert dm.NAME_LIST_NAME == c["offset dm_name_list.name"] == 12
     assert c["sizeof dm_name_list"] != dm.NAME_LIST_NAME
     # dm_target_versions: next, version[3], name at 16
-    _assert_fields(c, "dm_target_versions", ["next", "version"], _layout(dm.TARGET_VERSIONS.format, [1, 3]))
+    assert_fields(c, "dm_target_versions", ["next", "version"], layout(dm.TARGET_VERSIONS.format, [1, 3]))
     assert dm.TARGET_VERSIONS.size == c["offset dm_target_versions.name"] == 16
     # dm_target_msg: a u64 sector, the message right after it (what message() packs)
     assert (c["offset dm_target_msg.sector"], c["size dm_target_msg.sector"]) == (0, dm.U64.size)
     assert c["offset dm_target_msg.message"] == dm.U64.size
     # dm_target_deps: count and padding as two u32, then u64 device numbers
-    _assert_fields(c, "dm_target_deps", ["count", "padding"], _layout(dm.U32X2.format, [1, 1]))
+    assert_fields(c, "dm_target_deps", ["count", "padding"], layout(dm.U32X2.format, [1, 1]))
     assert c["offset dm_target_deps.dev"] == dm.U32X2.size
 
 
@@ -202,14 +124,14 @@ def test_flags_match_the_header_file(c):
 
 def test_loop_info64_matches_the_header_file(c):
     assert loop.LOOP_INFO64.size == c["sizeof loop_info64"] == 232
-    _assert_fields(c, "loop_info64", C_FIELDS["loop_info64"],
-                   _layout(loop.LOOP_INFO64.format, [1] * 12 + [2]))
+    assert_fields(c, "loop_info64", C_FIELDS["loop_info64"],
+                   layout(loop.LOOP_INFO64.format, [1] * 12 + [2]))
     assert loop.NAME_LEN == c["const LO_NAME_SIZE"]
 
 
 def test_loop_config_matches_the_header_file(c):
     assert loop.LOOP_CONFIG_SIZE == c["sizeof loop_config"] == 304
-    _assert_fields(c, "loop_config", ["fd", "block_size"], _layout(loop.LOOP_CONFIG_HEAD.format, [1, 1]))
+    assert_fields(c, "loop_config", ["fd", "block_size"], layout(loop.LOOP_CONFIG_HEAD.format, [1, 1]))
     assert (c["offset loop_config.info"], c["size loop_config.info"]) == \
         (loop.LOOP_CONFIG_HEAD.size, loop.LOOP_INFO64.size)
     assert c["offset loop_config.__reserved"] == loop.LOOP_CONFIG_HEAD.size + loop.LOOP_INFO64.size

@@ -566,6 +566,17 @@ def test_target_too_small_missing_or_not_a_file_is_refused_before_any_write(tmp_
             log.replay(tmp_path)
 
 
+def test_a_log_without_entries(tmp_path):
+    with WriteLog.open(LogBuilder().save(tmp_path / "log")) as log:
+        assert len(log) == 0 and list(log) == [] and log.device_size == 0 and log.marks == {}
+        assert log.flush_points() == [] and log.mark_points() == []
+        target = target_file(tmp_path / "t", 4096, fill=b"\x01" * 4096)
+        assert log.replay(target) == (0, 0, 0)
+        assert read(target) == b"\x01" * 4096
+        with pytest.raises(InvalidArgumentError):
+            log.index_of(0)
+
+
 def test_materialize(tmp_path):
     b = sample_log()
     with WriteLog.open(b.save(tmp_path / "log")) as log:
