@@ -14,16 +14,18 @@ from __future__ import annotations
 import errno
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from . import fs
-from .errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError
+from .errors import DeviceBusyError, DeviceNotFoundError, DMFlakeyError, LeftAloneWarning
 from .images import BackingImage, backing_of, release
 from .kernel import dm, loop, mountinfo
 from .ownership import Kind, Owner, Verdict
 
-__all__ = ["OwnedDevice", "list_owned", "teardown", "remove_owned", "cleanup_stale",
+__all__ = ["OwnedDevice", "list_owned", "remove_device", "release_images", "teardown",
+           "remove_owned", "cleanup_stale",
            "images_in_table"]
 
 _MAJOR_MINOR = re.compile(r"^([0-9]+):([0-9]+)$")
@@ -78,34 +80,59 @@ def images_in_table(targets: Sequence[dm.Target]) -> List[BackingImage]:
     return out
 
 
-def teardown(name: str, uuid: str, images: Sequence[BackingImage], *, delete_images: bool,
-             operation: str = "teardown") -> None:
-    """Unmount and remove the device uuid, release its loop devices, delete its images if ours.
+def remove_device(name: str, uuid: str, operation: str = "teardown") -> bool:
+    """Unmount and remove the device uuid; False when it was already gone.
 
-    A device that is already gone is fine (the rest still applies); one whose
-    name now belongs to a device with another uuid was replaced by somebody
-    else: nothing is touched and DeviceNotFoundError says so.
+    A name that now belongs to a device with another uuid means ours was
+    replaced by somebody else: nothing is touched and DeviceNotFoundError says so.
     """
     try:
         info = dm.info(dm.ByUuid(uuid, name))
     except DeviceNotFoundError:
-        info = None
         try:
             other = dm.info(name).uuid
         except DeviceNotFoundError:
-            other = None
-        if other is not None:
-            raise DeviceNotFoundError(operation, name, f"the device was replaced: {name} now has "
-                                      f"uuid {other or '(none)'}, not {uuid}; nothing was touched")
-    if info is not None:
-        for point in reversed(mountinfo.mount_points_of(info.dev)):
-            fs.umount(point)
-        try:
-            dm.remove(dm.ByUuid(uuid, name))
-        except DeviceNotFoundError:
-            pass  # removed meanwhile by another cleanup: the rest still applies
+            return False
+        raise DeviceNotFoundError(operation, name, f"the device was replaced: {name} now has "
+                                  f"uuid {other or '(none)'}, not {uuid}; nothing was touched")
+    for point in reversed(mountinfo.mount_points_of(info.dev)):
+        fs.umount(point)
+    try:
+        dm.remove(dm.ByUuid(uuid, name))
+    except DeviceNotFoundError:
+        return False   # removed meanwhile by somebody else
+    return True
+
+
+def release_images(images: Sequence[BackingImage], *, delete: bool) -> None:
+    """After the device that held them is gone: let the loop devices go, delete owned images."""
     for image in images:
-        release(image, delete=delete_images)
+        release(image, delete=delete)
+
+
+def left_to_whoever_removed_it(name: str, images: Sequence[BackingImage]) -> None:
+    """Warn that a device somebody else removed keeps what was under it.
+
+    Its images are theirs to remove now: a later file may even have the same
+    inode number at the same path, so nothing here can prove them ours.
+    """
+    if images:
+        warnings.warn(LeftAloneWarning(
+            f"{name}: the device was removed by somebody else; its images "
+            f"({', '.join(i.path for i in images)}) are left to them"), stacklevel=3)
+
+
+def teardown(name: str, uuid: str, images: Sequence[BackingImage], *, delete_images: bool,
+             operation: str = "teardown") -> None:
+    """Remove the device, then release its loop devices and delete its images if ours.
+
+    When the device was already gone, what was under it is left alone (see
+    left_to_whoever_removed_it).
+    """
+    if remove_device(name, uuid, operation):
+        release_images(images, delete=delete_images)
+    else:
+        left_to_whoever_removed_it(name, images)
 
 
 def remove_owned(device: OwnedDevice, operation: str = "remove") -> None:

@@ -116,6 +116,7 @@ class Flakey:
         self.filesystem = filesystem
         self._control = dm.control()
         self._swaps: Dict[Hashable, dm.TableSwap] = {}
+        self._device_removed = False
         self._torn_down = False
 
     @property
@@ -375,13 +376,20 @@ class Flakey:
         device (open elsewhere) raises DeviceBusyError after bounded retries
         and nothing is lost: call teardown again once the holder has closed it.
         A device that was replaced by another of the same name is left alone
-        (DeviceNotFoundError).  The image is deleted only while it is still
-        the file this library made.
+        (DeviceNotFoundError); one that somebody else removed leaves its loop
+        device and image to them (LeftAloneWarning).  The image is deleted only
+        while it is still the file this library made.
         """
         if self._torn_down:
             return
-        cleanup.teardown(self.name, self.uuid, [self.image] if self.image else [],
-                         delete_images=self.owner.kind.owns_images)
+        images = [self.image] if self.image else []
+        if not self._device_removed:
+            if not cleanup.remove_device(self.name, self.uuid):
+                cleanup.left_to_whoever_removed_it(self.name, images)
+                self._torn_down = True
+                return
+            self._device_removed = True   # a retry after a busy loop device goes on from here
+        cleanup.release_images(images, delete=self.owner.kind.owns_images)
         self._torn_down = True
 
 

@@ -175,8 +175,14 @@ class Recording:
         """Remove the device, its loop devices and both images (the log only if not handed over)."""
         if self._torn_down:
             return
+        images = [self.data, self.log]
         if not self._stopped:
-            cleanup.teardown(self.name, self.uuid, [self.data, self.log], delete_images=False)
+            if not cleanup.remove_device(self.name, self.uuid):
+                cleanup.left_to_whoever_removed_it(self.name, images)
+                self._torn_down = True
+                return
+            self._stopped = True
+            cleanup.release_images(images, delete=False)
         delete_image(self.data.path, self.data.identity)
         if not self._log_handed_over:
             delete_image(self.log.path, self.log.identity)

@@ -913,3 +913,35 @@ def test_removing_a_device_leaves_another_device_s_node_at_its_path(leftovers):
         os.unlink(path)
     dm.remove(other)
     assert mapper_node(other) is None   # its own node goes with it
+
+
+def test_an_old_handle_of_a_removed_device_leaves_a_new_image_with_its_inode_alone(tmp_path):
+    """ext4 hands a freed inode number to the next file: same path, same (st_dev, st_ino).
+
+    A handle whose device somebody else removed cannot tell that image from its
+    own by path or inode, so it leaves what was under the device alone and warns.
+    """
+    from dmflakey_ioctl import fs
+    from dmflakey_ioctl.flakey import init_flakey_image
+    base = sparse_file(tmp_path / "ext4.img", 64 << 20)
+    fs.mkfs(str(base), "ext4")
+    mnt = tmp_path / "ext4"
+    mnt.mkdir()
+    with loop.attach(str(base)) as holder:
+        fs.mount(holder.path, str(mnt), "ext4")
+        try:
+            path = str(mnt / "shared.img")
+            first = init_flakey_image(unique_name("dmfi-ino-a"), path, None, size=8 << 20)
+            open_flakey(first.name).teardown()          # somebody else removes it, image and all
+            second = init_flakey_image(unique_name("dmfi-ino-b"), path, None, size=8 << 20)
+            try:
+                assert second.image.identity == first.image.identity   # the number came back
+                with pytest.warns(LeftAloneWarning, match="removed by somebody else"):
+                    first.teardown()
+                assert os.path.exists(path) and os.stat(path).st_ino == second.image.identity[1]
+                assert second.name in dm_names() and list(loop_backing_files().values()).count(path) == 1
+            finally:
+                second.teardown()
+            assert not os.path.exists(path)
+        finally:
+            fs.umount(str(mnt))
