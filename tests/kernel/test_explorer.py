@@ -21,7 +21,7 @@ import sys
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -171,18 +171,22 @@ def version(name: str, number: int) -> bytes:
 
 
 class FilesModel:
-    """What the workload wrote: each name's versions and the mark after which each is durable.
+    """What the workload wrote: each name's versions and the marks between which each is durable.
 
-    ``durable[name]`` lists (mark label, version number, present) in workload
-    order: from that mark on the name holds that version (or, for a later
-    save still in flight, a later one), or is gone when present is False.
+    ``durable[name]`` lists (from mark, until mark, version number, present)
+    in workload order: after the first mark and before the second (None: to
+    the end) the name holds that version or a later one (a later save may
+    already be on disk), or is gone when present is False.  The until mark is
+    logged before the workload starts to remove the name: the removal can be
+    durable before the mark that follows it.
     """
 
     NAMES = ("a", "b", "c", "d", "a.tmp", "d.tmp")
 
     def __init__(self) -> None:
         self.versions: Dict[str, List[bytes]] = {name: [] for name in self.NAMES}
-        self.durable: Dict[str, List[Tuple[str, int, bool]]] = {name: [] for name in self.NAMES}
+        self.durable: Dict[str, List[Tuple[str, Optional[str], int, bool]]] = \
+            {name: [] for name in self.NAMES}
 
     def write(self, mnt: str, name: str, number: int, sync: bool) -> None:
         data = version(name.replace(".tmp", ""), number)
@@ -191,9 +195,10 @@ class FilesModel:
             self.versions[name[:-4]].append(data)
         write_file(os.path.join(mnt, name), data, sync)
 
-    def durable_from(self, rec, label: str, name: str, number: int, present: bool = True) -> None:
+    def durable_from(self, rec, label: str, name: str, number: int, present: bool = True,
+                     until: Optional[str] = None) -> None:
         rec.mark(label)
-        self.durable[name].append((label, number, present))
+        self.durable[name].append((label, until, number, present))
 
     def workload(self, mnt: str, rec) -> None:
         rec.mark("start")
@@ -207,7 +212,8 @@ class FilesModel:
         self.durable_from(rec, "a-v2", "a", 2)
         self.write(mnt, "c", 1, sync=True)
         fsync_dir(mnt)
-        self.durable_from(rec, "c-v1", "c", 1)
+        self.durable_from(rec, "c-v1", "c", 1, until="c-unlink")
+        rec.mark("c-unlink")
         os.unlink(os.path.join(mnt, "c"))
         fsync_dir(mnt)
         self.durable_from(rec, "c-gone", "c", 0, present=False)
@@ -217,12 +223,12 @@ class FilesModel:
         os.rename(os.path.join(mnt, "a.tmp"), os.path.join(mnt, "a"))
         fsync_dir(mnt)
         self.durable_from(rec, "a-v3", "a", 3)
-        self.durable["a.tmp"].append(("a-v3", 0, False))
+        self.durable["a.tmp"].append(("a-v3", None, 0, False))
         fs.syncfs(mnt)
         rec.mark("end")
         for name, number in (("b", 1), ("d", 1)):
-            self.durable[name].append(("end", number, True))
-        self.durable["d.tmp"].append(("end", 0, False))
+            self.durable[name].append(("end", None, number, True))
+        self.durable["d.tmp"].append(("end", None, 0, False))
 
     def check(self, tree: Dict[str, bytes]) -> None:
         """The rule of any state: every file absent, empty (never synced yet) or a whole version."""
@@ -235,8 +241,9 @@ class FilesModel:
     def check_at(self, log: WriteLog, entry: int, tree: Dict[str, bytes]) -> None:
         """The rules that depend on the crash point: what was made durable before it holds."""
         for name, promises in self.durable.items():
-            passed = [(n, present) for label, n, present in promises
-                      if log.index_of(label) < entry]
+            passed = [(n, present) for label, until, n, present in promises
+                      if log.index_of(label) < entry
+                      and (until is None or entry < log.index_of(until))]
             if not passed:
                 continue
             number, present = passed[-1]
