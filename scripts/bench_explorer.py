@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""Benchmark of the crash-state explorer against the from-scratch method (issue 10), in the guest.
+
+    scripts/vm --memory 3072 -- python3 scripts/bench_explorer.py [--out FILE] [--rounds N]
+        [--points N] [--sample N] [--big-mib N] [--small-mib N] [--device-mib N]
+
+Needs root and device-mapper (run it inside ``scripts/vm``).  Two ext4
+workloads are recorded once, each on a device of ``--device-mib`` (default
+128): files of 1 MiB written to a temp name, fsynced and renamed over one of
+48 slots, until the log holds ``--big-mib`` (256) or ``--small-mib`` (32) MiB.
+On each log the same ``--points`` (200) crash points are checked, evenly
+spaced over the entries after the workload's first mark; the check lists the
+root and reads a marker file.
+
+* explorer: ``explore(log, check, points=...)``, the whole run timed (set-up,
+  one forward replay, per state a dm snapshot, mount, check, unmount, removal).
+* from scratch, as fstests' generic/482 does it: for each point, entries 0..point
+  replayed onto a fresh sparse image (``materialize``, the same replay engine),
+  the image on a loop device, then the same mount, check and unmount.  Its cost
+  grows linearly with the point's position, so it is timed on ``--sample`` (20)
+  points spread evenly over the 200 and scaled: total = mean per sampled point
+  x points.  Counted: replay, mount, check, unmount (the loop device's attach
+  and the image's removal are left out, in its favour).
+
+Rounds (``--rounds``, default 3) run the three timed ways (explorer on the big
+log, explorer on the small log, from scratch on the big log) in an order that
+rotates from round to round, so that a slow phase of a shared machine hits
+each way alike.  Figures: medians and lower quartiles (q1) over the rounds,
+states per second, where a state's time goes (median and q1 over the states
+of every round), and two ratios, each gated on its q1 figures:
+
+* whole run, 200 points over the big log: from-scratch estimate / explorer >= 4;
+* time per state (run time / states), big log / small log <= 1.3.
+
+Prints a table; ``--out`` writes every figure as JSON.  Exit status 1 when a
+target is missed, 2 when the machine cannot run it.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dmflakey_ioctl import fs  # noqa: E402
+from dmflakey_ioctl.crashreport import PHASES, CrashReport  # noqa: E402
+from dmflakey_ioctl.explorer import explore  # noqa: E402
+from dmflakey_ioctl.kernel import loop  # noqa: E402
+from dmflakey_ioctl.recording import record_writes  # noqa: E402
+from dmflakey_ioctl.writelog import WriteLog  # noqa: E402
+
+MiB = 1 << 20
+SPEEDUP_TARGET = 4.0        # from-scratch time / explorer time, 200 points over 256 MiB
+GROWTH_TARGET = 1.3         # explorer time per state, 256 MiB log / 32 MiB log
+SLOTS = 48
+MARKER = b"written first, fsynced: present in every state checked\n"
+
+
+def quartiles(values: Sequence[float]) -> Dict[str, float]:
+    values = list(values)
+    q1 = statistics.quantiles(values, n=4)[0] if len(values) >= 2 else values[0]
+    return {"median": statistics.median(values), "q1": q1, "min": min(values),
+            "max": max(values), "n": len(values)}
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record(work: Path, name: str, log_mib: int, device_mib: int) -> Tuple[WriteLog, int]:
+    """An ext4 workload recorded until its log holds log_mib MiB; (the log, files written)."""
+    directory = work / name
+    directory.mkdir()
+    payload = bytearray(os.urandom(MiB))
+    files = 0
+    with record_writes(f"bench-explorer-{os.getpid()}-{name}", str(directory), "ext4",
+                       device_mib * MiB, log_size=(log_mib + 64) * MiB) as rec:
+        mnt = directory / "mnt"
+        mnt.mkdir()
+        rec.mount(str(mnt))
+        with open(mnt / "marker", "wb") as fh:
+            fh.write(MARKER)
+            os.fsync(fh.fileno())
+        fsync_dir(str(mnt))
+        rec.mark("setup")
+        while rec.status().next_sector * 512 < log_mib * MiB:
+            payload[:8] = files.to_bytes(8, "little")
+            temp, final = mnt / "slot.tmp", mnt / f"slot-{files % SLOTS}"
+            with open(temp, "wb") as fh:
+                fh.write(payload)
+                os.fsync(fh.fileno())
+            os.rename(temp, final)
+            fsync_dir(str(mnt))
+            files += 1
+        log = rec.stop()
+    return log, files
+
+
+def spread(first: int, last: int, count: int) -> List[int]:
+    """count entry indexes spread evenly over first..last, last included."""
+    if last - first + 1 <= count:
+        return list(range(first, last + 1))
+    return sorted({first + round((k + 1) * (last - first) / count) for k in range(count)})
+
+
+def check(mount_point: str) -> None:
+    """The same small check for both methods: the root lists, the marker reads back."""
+    assert "marker" in os.listdir(mount_point)
+    with open(os.path.join(mount_point, "marker"), "rb") as fh:
+        assert fh.read() == MARKER
+
+
+def run_explorer(log: WriteLog, points: List[int]) -> Tuple[float, CrashReport]:
+    started = time.perf_counter()
+    report = explore(log, check, points=points)
+    wall = time.perf_counter() - started
+    assert report.ok and len(report.states) == len(points), report.summary()
+    return wall, report
+
+
+def from_scratch_one(log: WriteLog, point: int, work: Path) -> Dict[str, float]:
+    """One point the generic/482 way: replay 0..point onto a fresh image, mount, check, unmount."""
+    image, mnt = work / "scratch.img", work / "scratch-mnt"
+    mnt.mkdir(exist_ok=True)
+    times: Dict[str, float] = {}
+    clock = time.perf_counter()
+    log.materialize(point, image)
+    times["replay"] = time.perf_counter() - clock
+    try:
+        with loop.attach(str(image)) as lo:
+            clock = time.perf_counter()
+            fs.mount(lo.path, str(mnt))
+            times["mount"] = time.perf_counter() - clock
+            try:
+                clock = time.perf_counter()
+                check(str(mnt))
+                times["check"] = time.perf_counter() - clock
+            finally:
+                clock = time.perf_counter()
+                fs.umount(str(mnt))
+                times["umount"] = time.perf_counter() - clock
+    finally:
+        image.unlink()
+    return times
+
+
+def run_from_scratch(log: WriteLog, sample: List[int], points: int, work: Path
+                     ) -> Tuple[float, List[Dict[str, float]]]:
+    """The estimated whole-run time over all points, and the sampled points' phase times."""
+    timed = [from_scratch_one(log, point, work) for point in sample]
+    per_point = [sum(t.values()) for t in timed]
+    return statistics.mean(per_point) * points, timed
+
+
+def phase_table(reports: List[CrashReport]) -> Dict[str, Dict[str, float]]:
+    """Per phase, over every state of every run: median, q1 and the mean share of a state."""
+    table = {}
+    for phase in PHASES:
+        values = [s.timings[phase] for r in reports for s in r.states if phase in s.timings]
+        if values:
+            table[phase] = quartiles(values)
+            table[phase]["mean"] = statistics.mean(values)
+    return table
+
+
+def show_phases(title: str, table: Dict[str, Dict[str, float]], per_state: float) -> None:
+    print(f"  {title}: where a state's time goes (per state, over all rounds)")
+    accounted = 0.0
+    for phase, row in table.items():
+        accounted += row["mean"]
+        print(f"    {phase:<9} median {row['median'] * 1e3:8.1f} ms   q1 {row['q1'] * 1e3:8.1f} ms"
+              f"   mean {row['mean'] * 1e3:8.1f} ms  ({row['mean'] / per_state:5.1%})")
+    rest = per_state - accounted
+    print(f"    {'other':<9} {'':>35} mean {rest * 1e3:8.1f} ms  ({rest / per_state:5.1%})  "
+          "(kmsg, timeline, set-up and teardown)")
+
+
+def main(argv: List[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="write the figures as JSON to this file")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--points", type=int, default=200)
+    ap.add_argument("--sample", type=int, default=20)
+    ap.add_argument("--big-mib", type=int, default=256)
+    ap.add_argument("--small-mib", type=int, default=32)
+    ap.add_argument("--device-mib", type=int, default=128)
+    ap.add_argument("--dir", default=None, help="where the images go (default: the temp dir)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0 or not os.path.exists("/dev/mapper/control"):
+        print("bench_explorer: needs root and device-mapper (run it in scripts/vm)", file=sys.stderr)
+        return 2
+
+    results: Dict[str, object] = {
+        "host": platform.node(), "python": platform.python_version(),
+        "kernel": platform.release(), "rounds": args.rounds, "points": args.points,
+        "sample": args.sample, "load_average_start": os.getloadavg()}
+    missed: List[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-explorer-", dir=args.dir) as scratch:
+        work = Path(scratch)
+        started = time.perf_counter()
+        logs: Dict[str, WriteLog] = {}
+        for name, mib in (("big", args.big_mib), ("small", args.small_mib)):
+            log, files = record(work, name, mib, args.device_mib)
+            logs[name] = log
+            written = sum(e.size for e in log if not e.flags & 4)
+            results[f"{name}_log"] = {"entries": len(log), "bytes_written": written,
+                                      "log_bytes": os.path.getsize(log.path), "files": files}
+            print(f"{name} log: {len(log)} entries, {written / MiB:.0f} MiB of writes "
+                  f"({files} files of 1 MiB on a {args.device_mib} MiB ext4)")
+        print(f"recorded in {time.perf_counter() - started:.0f} s")
+        try:
+            points = {name: spread(log.index_of("setup") + 1, len(log) - 1, args.points)
+                      for name, log in logs.items()}
+            sample = [points["big"][round((k + 1) * (len(points["big"]) - 1) / args.sample)]
+                      for k in range(args.sample)]
+            walls: Dict[str, List[float]] = {"explorer big": [], "explorer small": [],
+                                             "from scratch big": []}
+            reports: Dict[str, List[CrashReport]] = {"big": [], "small": []}
+            scratch_times: List[Dict[str, float]] = []
+            ways: Dict[str, Callable[[], None]] = {}
+
+            def explorer_way(name: str) -> Callable[[], None]:
+                def run() -> None:
+                    wall, report = run_explorer(logs[name], points[name])
+                    walls[f"explorer {name}"].append(wall)
+                    reports[name].append(report)
+                return run
+
+            def scratch_way() -> None:
+                estimate, timed = run_from_scratch(logs["big"], sample, len(points["big"]), work)
+                walls["from scratch big"].append(estimate)
+                scratch_times.extend(timed)
+
+            ways = {"explorer big": explorer_way("big"), "explorer small": explorer_way("small"),
+                    "from scratch big": scratch_way}
+            names = list(ways)
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    clock = time.perf_counter()
+                    ways[name]()
+                    print(f"  round {r + 1}: {name:<17} {walls[name][-1]:7.1f} s"
+                          + ("  (estimated from the sample)" if "scratch" in name else "")
+                          + f"  [{time.perf_counter() - clock:.0f} s; load {os.getloadavg()[0]:.1f}]",
+                          flush=True)
+        finally:
+            for log in logs.values():
+                log.close()
+
+    n = len(points["big"])
+    stats = {name: quartiles(values) for name, values in walls.items()}
+    per_state = {name: {k: v / len(points[name]) for k, v in stats[f"explorer {name}"].items()
+                        if k in ("median", "q1", "min", "max")} for name in ("big", "small")}
+    speedup = {"median": stats["from scratch big"]["median"] / stats["explorer big"]["median"],
+               "q1": stats["from scratch big"]["q1"] / stats["explorer big"]["q1"]}
+    growth = {"median": per_state["big"]["median"] / per_state["small"]["median"],
+              "q1": per_state["big"]["q1"] / per_state["small"]["q1"]}
+    phases = {name: phase_table(reports[name]) for name in reports}
+    scratch_phases = {p: quartiles([t[p] for t in scratch_times]) for p in scratch_times[0]}
+    results.update({"ways_seconds": stats, "per_state_seconds": per_state,
+                    "states_per_second": {name: len(points[name]) / stats[f"explorer {name}"]["median"]
+                                          for name in ("big", "small")},
+                    "speedup": speedup, "speedup_target": SPEEDUP_TARGET,
+                    "growth": growth, "growth_target": GROWTH_TARGET,
+                    "explorer_phases": phases, "from_scratch_phases": scratch_phases,
+                    "from_scratch_sample": sample, "load_average_end": os.getloadavg()})
+
+    print(f"\n{n} crash points per log, {args.rounds} rounds (median / q1 over rounds):")
+    for name, s in stats.items():
+        print(f"  {name:<17} median {s['median']:7.1f} s   q1 {s['q1']:7.1f} s")
+    for name in ("big", "small"):
+        rate = results["states_per_second"][name]  # type: ignore[index]
+        print(f"  explorer {name}: {per_state[name]['median'] * 1e3:.0f} ms per state (median; "
+              f"q1 {per_state[name]['q1'] * 1e3:.0f} ms), {rate:.2f} states/s")
+        show_phases(f"explorer, {name} log", phases[name], per_state[name]["median"])
+    per_point = statistics.mean(sum(t.values()) for t in scratch_times)
+    print(f"  from scratch, big log: {per_point * 1e3:.0f} ms per point (mean over "
+          f"{len(scratch_times)} sampled points); phases:")
+    for phase, row in scratch_phases.items():
+        print(f"    {phase:<9} median {row['median'] * 1e3:8.1f} ms   q1 {row['q1'] * 1e3:8.1f} ms")
+    print(f"  => speedup over from scratch: {speedup['q1']:.1f}x q1, {speedup['median']:.1f}x "
+          f"median (target >= {SPEEDUP_TARGET}x q1)")
+    print(f"  => time per state, {args.big_mib} MiB log / {args.small_mib} MiB log: "
+          f"{growth['q1']:.2f}x q1, {growth['median']:.2f}x median (target <= {GROWTH_TARGET}x q1)")
+    print(f"  load average: {results['load_average_start']} at start, "
+          f"{results['load_average_end']} at the end")
+    if speedup["q1"] < SPEEDUP_TARGET:
+        missed.append(f"speedup {speedup['q1']:.1f}x < {SPEEDUP_TARGET}x")
+    if growth["q1"] > GROWTH_TARGET:
+        missed.append(f"time per state grows {growth['q1']:.2f}x > {GROWTH_TARGET}x")
+    results["missed"] = missed
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if missed:
+        print("MISSED: " + "; ".join(missed))
+        return 1
+    print("all targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
