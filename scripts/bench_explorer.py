@@ -93,6 +93,7 @@ def record(work: Path, name: str, log_mib: int, device_mib: int) -> Tuple[WriteL
         rec.mount(str(mnt))
         with open(mnt / "marker", "wb") as fh:
             fh.write(MARKER)
+            fh.flush()
             os.fsync(fh.fileno())
         fsync_dir(str(mnt))
         rec.mark("setup")
@@ -101,6 +102,7 @@ def record(work: Path, name: str, log_mib: int, device_mib: int) -> Tuple[WriteL
             temp, final = mnt / "slot.tmp", mnt / f"slot-{files % SLOTS}"
             with open(temp, "wb") as fh:
                 fh.write(payload)
+                fh.flush()
                 os.fsync(fh.fileno())
             os.rename(temp, final)
             fsync_dir(str(mnt))
@@ -127,7 +129,8 @@ def run_explorer(log: WriteLog, points: List[int]) -> Tuple[float, CrashReport]:
     started = time.perf_counter()
     report = explore(log, check, points=points)
     wall = time.perf_counter() - started
-    assert report.ok and len(report.states) == len(points), report.summary()
+    assert report.ok and len(report.states) == len(points), \
+        report.summary() + "\n" + report.describe_failures()
     return wall, report
 
 

@@ -591,6 +591,7 @@ def test_atomic_save(crash_recorder_factory):
     config = os.path.join(rec.mount_point, "config")
     with open(config, "wb") as fh:
         fh.write(text(0))
+        fh.flush()
         os.fsync(fh.fileno())
     rec.mark("setup")
     for version in range(1, SAVES + 1):
