@@ -8,7 +8,8 @@
 Needs root and device-mapper (run it inside ``scripts/vm``).  Two ext4
 workloads are recorded once, each on a device of ``--device-mib`` (default
 128): files of 1 MiB written to a temp name, fsynced and renamed over one of
-48 slots, until the log holds ``--big-mib`` (256) or ``--small-mib`` (32) MiB.
+16 slots (both logs end in the same steady state), until the log holds
+``--big-mib`` (256) or ``--small-mib`` (32) MiB.
 Every ``--checkpoint-every`` (8) files the journal is checkpointed
 (EXT4_IOC_CHECKPOINT), so that a state of either log needs about the same
 journal recovery at its mount; with 0 the journal fills up in the big log
@@ -30,7 +31,7 @@ file.
   x points.  Counted: replay, mount, check, unmount (the loop device's attach
   and the image's removal are left out, in its favour).
 
-Rounds (``--rounds``, default 3) run the three timed ways (explorer on the big
+Rounds (``--rounds``, default 5) run the three timed ways (explorer on the big
 log, explorer on the small log, from scratch on the big log) in an order that
 rotates from round to round, so that a slow phase of a shared machine hits
 each way alike.  Figures: medians and lower quartiles (q1) over the rounds,
@@ -75,7 +76,7 @@ from dmflakey_ioctl.writelog import WriteLog  # noqa: E402
 MiB = 1 << 20
 SPEEDUP_TARGET = 4.0        # from-scratch time / explorer time, 200 points over 256 MiB
 GROWTH_TARGET = 1.3         # explorer time per state, 256 MiB log / 32 MiB log
-SLOTS = 48
+SLOTS = 16
 EXT4_IOC_CHECKPOINT = 0x4004662B   # _IOW('f', 43, __u32), Linux 5.13
 MARKER = b"written first, fsynced: present in every state checked\n"
 
@@ -221,7 +222,7 @@ def show_phases(title: str, table: Dict[str, Dict[str, float]], per_state: float
 def main(argv: List[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write the figures as JSON to this file")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--points", type=int, default=200)
     ap.add_argument("--sample", type=int, default=20)
     ap.add_argument("--big-mib", type=int, default=256)
@@ -308,6 +309,12 @@ def main(argv: List[str] | None = None) -> int:
                             for wall, report in zip(walls[f"explorer {name}"], reports[name])])
            for name in reports}
     own_growth = own["big"]["median"] / own["small"]["median"]
+    # the same ratios round by round (the ways of one round ran minutes apart, under one load)
+    paired = {"speedup": quartiles([s / e for s, e in zip(walls["from scratch big"],
+                                                           walls["explorer big"])]),
+              "growth": quartiles([(b / len(points["big"])) / (s / len(points["small"]))
+                                   for b, s in zip(walls["explorer big"],
+                                                   walls["explorer small"])])}
     scratch_phases = {p: quartiles([t[p] for t in scratch_times]) for p in scratch_times[0]}
     results.update({"ways_seconds": stats, "per_state_seconds": per_state,
                     "states_per_second": {name: len(points[name]) / stats[f"explorer {name}"]["median"]
@@ -315,6 +322,7 @@ def main(argv: List[str] | None = None) -> int:
                     "speedup": speedup, "speedup_target": SPEEDUP_TARGET,
                     "growth": growth, "growth_target": GROWTH_TARGET,
                     "explorer_own_per_state_seconds": own, "explorer_own_growth": own_growth,
+                    "round_ratios": paired,
                     "explorer_phases": phases, "from_scratch_phases": scratch_phases,
                     "from_scratch_sample": sample, "load_average_end": os.getloadavg()})
 
@@ -335,6 +343,10 @@ def main(argv: List[str] | None = None) -> int:
           f"median (target >= {SPEEDUP_TARGET}x q1)")
     print(f"  => time per state, {args.big_mib} MiB log / {args.small_mib} MiB log: "
           f"{growth['q1']:.2f}x q1, {growth['median']:.2f}x median (target <= {GROWTH_TARGET}x q1)")
+    print(f"     round by round: speedup median {paired['speedup']['median']:.1f}x (from "
+          f"{paired['speedup']['min']:.1f}x to {paired['speedup']['max']:.1f}x), time per state "
+          f"{paired['growth']['median']:.2f}x (from {paired['growth']['min']:.2f}x to "
+          f"{paired['growth']['max']:.2f}x)")
     print(f"     the explorer's own cost per state (replay share, snapshot, the rest): "
           f"{own['big']['median'] * 1e3:.0f} ms against {own['small']['median'] * 1e3:.0f} ms "
           f"(median), {own_growth:.2f}x")
