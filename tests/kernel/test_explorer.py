@@ -343,11 +343,12 @@ def test_every_flush_state_mounts_and_holds_whole_versions(request, fs_type):
     assert len(check.trees) == len(report.states)
     for state, tree in zip(report.states, check.trees):
         rec.model.check_at(log, state.entry, tree)
-    # a state's kernel log is its mount and check: it ends before the view is torn down
-    assert all(any("mount" in line.lower() for line in state.kernel_log)
-               and not any("shut" in line.lower() or "unmount" in line.lower()
-                           for line in state.kernel_log) for state in report.states), \
-        [state.kernel_log for state in report.states[:2]]
+    # a state's kernel log is its mount and check: it ends before the view is torn down (the
+    # kernel rate-limits some mount messages, so not every state has one)
+    assert not [line for state in report.states for line in state.kernel_log
+                if "shut" in line.lower() or "unmount" in line.lower()]
+    assert any("mount" in line.lower() for line in report.states[0].kernel_log), \
+        report.states[0].kernel_log
     # the model is not vacuous: the states saw a's three versions, c come and go, b and d at the end
     seen_a = {tree.get("a") for tree in check.trees}
     assert {version("a", n) for n in (1, 2, 3)} <= seen_a
