@@ -323,6 +323,13 @@ def main(argv: List[str] | None = None) -> int:
                                    for b, s in zip(walls["explorer big"],
                                                    walls["explorer small"])])}
     scratch_phases = {p: quartiles([t[p] for t in scratch_times]) for p in scratch_times[0]}
+    # per round: run time and mean phase times per state (a slow round shows where it was slow)
+    results["explorer_rounds"] = {
+        name: [{"seconds": wall, "per_state_ms": {
+            phase: 1e3 * total / len(report.states)
+            for phase, total in report.phase_totals().items()}}
+            for wall, report in zip(walls[f"explorer {name}"], reports[name])]
+        for name in reports}
     results.update({"ways_seconds": stats, "per_state_seconds": per_state,
                     "states_per_second": {name: len(points[name]) / stats[f"explorer {name}"]["median"]
                                           for name in ("big", "small")},
