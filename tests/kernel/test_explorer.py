@@ -680,3 +680,34 @@ def test_cli_explore_and_replay(ext4_files, tmp_path):
     log.materialize(present, oracle)
     assert image.stat().st_size == oracle.stat().st_size == log.device_size
     assert file_digest(image) == file_digest(oracle)
+
+
+# -- the view's teardown ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fs_type,size", [("ext4", EXT4_SIZE), ("xfs", XFS_SIZE)])
+def test_shut_down_leaves_nothing_for_the_unmount_to_write(tmp_path, fs_type, size):
+    """What the explorer does to a view after its check: after fs.shut_down, umount writes nothing."""
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    with open(image, "wb") as fh:
+        fh.truncate(size)
+    fs.mkfs(str(image), fs_type)
+    mnt.mkdir()
+    with loop.attach(str(image)) as lo:
+        fs.mount(lo.path, str(mnt))
+        try:
+            write_file(str(mnt / "synced"), b"synced" * 1000, sync=True)
+            write_file(str(mnt / "unsynced"), b"unsynced" * 1000, sync=False)
+            assert fs.shut_down(str(mnt)) is True
+            with pytest.raises(OSError) as refused:
+                write_file(str(mnt / "after"), b"x", sync=True)
+            assert refused.value.errno == errno.EIO
+            before = file_digest(image)
+        finally:
+            fs.umount(str(mnt))
+        assert file_digest(image) == before, "the unmount wrote to the device after the shutdown"
+        fs.mount(lo.path, str(mnt))
+        try:
+            assert (mnt / "synced").read_bytes() == b"synced" * 1000
+            assert not (mnt / "unsynced").exists() or (mnt / "unsynced").read_bytes() == b""
+        finally:
+            fs.umount(str(mnt))
