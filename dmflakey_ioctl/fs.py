@@ -282,11 +282,11 @@ def syncfs(path: str) -> None:
 
 
 def shut_down(path: str) -> bool:
-    """Make the filesystem mounted at path write nothing more, not even its log (FS_IOC_SHUTDOWN).
+    """Stop the filesystem mounted at path, its log unflushed (FS_IOC_SHUTDOWN): writes fail.
 
     For a mount that is thrown away, such as a crash state's view: its unmount
-    then has nothing to write back.  False where the filesystem has no such
-    ioctl (btrfs before 6.17, for one).
+    then writes nothing back (ext4 still rewrites its super block).  False
+    where the filesystem has no such ioctl (btrfs in 6.12, for one).
     """
     with opened(path, "shut down", "cannot open the mount point") as fd:
         try:

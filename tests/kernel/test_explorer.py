@@ -236,11 +236,13 @@ class FilesModel:
         self.durable["d.tmp"].append(("end", None, 0, False))
 
     def check(self, tree: Dict[str, bytes]) -> None:
-        """The rule of any state: every file absent, empty (never synced yet) or a whole version."""
+        """The rule of any state: every file absent, a whole version, or (not synced yet) empty
+        or a block of zeros: its size and blocks reached the disk, not its data (ext4 shows
+        that for a file renamed before its data was written, as d is)."""
         unknown = sorted(set(tree) - set(self.NAMES))
         assert not unknown, f"files the workload never made: {unknown}"
         for name, data in tree.items():
-            assert data == b"" or data in self.versions[name], \
+            assert data in self.versions[name] or not data.strip(b"\0"), \
                 f"{name} holds {len(data)} bytes that are no version of it: {data[:40]!r}"
 
     def check_at(self, log: WriteLog, entry: int, tree: Dict[str, bytes]) -> None:
@@ -684,9 +686,16 @@ def test_cli_explore_and_replay(ext4_files, tmp_path):
 
 # -- the view's teardown ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fs_type,size", [("ext4", EXT4_SIZE), ("xfs", XFS_SIZE)])
-def test_shut_down_leaves_nothing_for_the_unmount_to_write(tmp_path, fs_type, size):
-    """What the explorer does to a view after its check: after fs.shut_down, umount writes nothing."""
+def block_digests(path: Path, block: int = 4096) -> List[bytes]:
+    with open(path, "rb") as fh:
+        return [hashlib.md5(chunk).digest() for chunk in iter(lambda: fh.read(block), b"")]
+
+
+@pytest.mark.parametrize("fs_type,size,superblock", [("ext4", EXT4_SIZE, [0]), ("xfs", XFS_SIZE, [])])
+def test_shut_down_leaves_the_unmount_next_to_nothing_to_write(tmp_path, fs_type, size,
+                                                                superblock):
+    """What the explorer does to a view after its check: after fs.shut_down the unmount writes
+    nothing back (ext4 still rewrites its super block, in the first 4 KiB block)."""
     image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
     with open(image, "wb") as fh:
         fh.truncate(size)
@@ -701,10 +710,11 @@ def test_shut_down_leaves_nothing_for_the_unmount_to_write(tmp_path, fs_type, si
             with pytest.raises(OSError) as refused:
                 write_file(str(mnt / "after"), b"x", sync=True)
             assert refused.value.errno == errno.EIO
-            before = file_digest(image)
+            before = block_digests(image)
         finally:
             fs.umount(str(mnt))
-        assert file_digest(image) == before, "the unmount wrote to the device after the shutdown"
+        after = block_digests(image)
+        assert [i for i, (a, b) in enumerate(zip(before, after)) if a != b] in ([], superblock)
         fs.mount(lo.path, str(mnt))
         try:
             assert (mnt / "synced").read_bytes() == b"synced" * 1000
