@@ -19,8 +19,8 @@ Design, so that the cost is one pass over the log plus a small constant per stat
   mounted, the check runs, and replay continues.  The view's filesystem is
   then shut down (FS_IOC_SHUTDOWN without a log flush, where it has the
   ioctl) before its unmount: nothing of it is kept, so nothing of it need be
-  written back (ext4 still rewrites its super block; in the guest an ext4
-  unmount took about half the time after it).  A state's kernel log ends with
+  written back (ext4 still writes a few blocks; in the guest an ext4 unmount
+  took about half the time after it).  A state's kernel log ends with
   its check, before that teardown.
 * One dm device shows every view: made at the first state, removed at the
   end.  Each state swaps a fresh snapshot table into it (a load and a resume,

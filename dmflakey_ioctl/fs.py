@@ -285,8 +285,9 @@ def shut_down(path: str) -> bool:
     """Stop the filesystem mounted at path, its log unflushed (FS_IOC_SHUTDOWN): writes fail.
 
     For a mount that is thrown away, such as a crash state's view: its unmount
-    then writes nothing back (ext4 still rewrites its super block).  False
-    where the filesystem has no such ioctl (btrfs in 6.12, for one).
+    then writes back nothing that was pending (ext4 still writes a few metadata
+    blocks, its super block among them).  False where the filesystem has no
+    such ioctl (btrfs in 6.12, for one).
     """
     with opened(path, "shut down", "cannot open the mount point") as fd:
         try:
