@@ -110,8 +110,12 @@ def test_image_device_every_switch_status_list_remove(names, tmp_path):
         assert live(name).error_reads and not live(name).error_writes
     else:
         refused(name, "error_reads", "error-reads", name)
-    ok("corrupt-bio-byte", name, "--byte", "32", "--direction", "w", "--value", "0x41")
-    assert live(name).corrupt_bio_byte == CorruptBIOByte(32, "w", 65, 0)  # type: ignore[arg-type]
+    corrupt = ("corrupt-bio-byte", name, "--byte", "32", "--direction", "w", "--value", "0x41")
+    if kernel_has("corrupt_bio_byte_write"):
+        ok(*corrupt)
+        assert live(name).corrupt_bio_byte == CorruptBIOByte(32, "w", 65, 0)  # type: ignore[arg-type]
+    else:
+        refused(name, "corrupt_bio_byte_write", *corrupt)
     if kernel_has("random_read_corrupt"):
         ok("random-read-corrupt", name, "--probability", "0.25")
         assert live(name).random_read_corrupt == 250_000_000

@@ -110,7 +110,7 @@ def test_devices_map_the_loop_device_they_attached(loop_with_max_part, tmp_path)
 
             features.reset_cache()   # a probe's memory-backed loop device has a strided minor too
             try:
-                assert features.supported("error_reads")
+                assert features.supported("delay_flush")
             finally:
                 features.reset_cache()
         finally:
