@@ -15,6 +15,7 @@ import mmap
 import os
 import random
 import struct
+import time
 from pathlib import Path
 from typing import Dict, NamedTuple
 
@@ -265,7 +266,13 @@ def test_a_full_log_device_disables_logging_and_the_reader_keeps_what_was_logged
                 status_before = dm.status(name)[0].params
                 write_direct(fd, pattern(2, 256 * 1024), MiB)
                 os.fsync(fd)
+                # the target's log thread writes the entry after the data write completed: wait
+                # (bounded) for it to find the log full
+                deadline = time.monotonic() + 10
                 status_after = dm.status(name)[0].params
+                while "logging_disabled" not in status_after and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    status_after = dm.status(name)[0].params
                 write_direct(fd, pattern(3, 4096), 2 * MiB)    # the device still takes writes
                 os.fsync(fd)
             finally:
