@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,41 +21,11 @@ from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.recording import open_recording
 from dmflakey_ioctl.writelog import END_MARK, WriteLog
 
+from .cli_helpers import fails, ok
 from .helpers import dm_names, unique_name
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def bytecode_cache(tmp_path_factory):
-    """Compile once per module, into a temp dir, for all the calls below."""
-    ENV["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("pycache"))
-    yield
-    shutil.rmtree(ENV.pop("PYTHONPYCACHEPREFIX"))
-
-
-def dmflakey(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dmflakey_ioctl", *map(str, args)], cwd=REPO,
-                          env=ENV, capture_output=True, text=True, timeout=600)
-
-
-def ok(*args: object) -> str:
-    """stdout of a call that must succeed quietly."""
-    proc = dmflakey(*args)
-    assert (proc.returncode, proc.stderr) == (0, ""), f"dmflakey {args}: {proc}"
-    return proc.stdout
-
-
-def fails(status: int, *args: object) -> str:
-    """The one stderr line of a call that must fail with status."""
-    proc = dmflakey(*args)
-    assert proc.returncode == status, f"dmflakey {args}: {proc}"
-    assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("cli_bytecode_cache")
 
 
 def write(path: Path, content: bytes, *, sync: bool) -> None:

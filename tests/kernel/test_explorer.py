@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -32,13 +30,13 @@ from dmflakey_ioctl.kernel import loop
 from dmflakey_ioctl.recording import record_writes
 from dmflakey_ioctl.writelog import LogFlags, WriteLog
 
+from .cli_helpers import dmflakey
 from .conftest import system_state
 from .helpers import unique_name
 
 pytest_plugins = ["pytester"]
 
 MiB = 1 << 20
-REPO = Path(__file__).resolve().parents[2]
 EXT4_SIZE, BTRFS_SIZE, XFS_SIZE = 32 * MiB, 128 * MiB, 320 * MiB
 FLUSH_OR_FUA = LogFlags.FLUSH | LogFlags.FUA
 Workload = Callable[[str, object], None]
@@ -645,14 +643,6 @@ def test_crash_recorder_fixture_in_a_users_test_file(pytester):
 
 # -- the command line -----------------------------------------------------------------------------
 
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
-
-def dmflakey(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dmflakey_ioctl", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-
-
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -661,9 +651,8 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_cli_explore_and_replay(ext4_files, tmp_path):
+def test_cli_explore_and_replay(ext4_files, tmp_path, cli_bytecode_cache):
     log = ext4_files.log
-    ENV["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
     present, gone = log.index_of("c-v1"), log.index_of("c-gone")
     html = tmp_path / "out.html"
     run = dmflakey("explore", log.path, "--check", "sh -c 'test -e \"$0/c\"'", "--points",
