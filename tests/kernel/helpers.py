@@ -17,14 +17,15 @@ CHUNK = 64 * 1024          # one O_DIRECT call of this size is one bio
 REPO = Path(__file__).resolve().parents[2]
 
 
-def child_env() -> dict[str, str]:
-    """The environment for a child Python: this checkout's package comes first.
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python: this checkout's package comes first; extra on top.
 
     An editable install may point at another checkout, and a child started in a
     temporary directory would import that one.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
     return env
 
 
