@@ -59,6 +59,27 @@ def sparse_file(path: Path, size: int) -> Path:
     return path
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory: its entries (a new name, a rename, an unlink) become durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str | os.PathLike, content: bytes, *, sync: bool, sync_dir: bool = True) -> None:
+    """Write a new file; with sync, fsync it and then (unless sync_dir is False) its directory,
+    so that the file's name is durable too."""
+    with open(path, "wb") as fh:
+        fh.write(content)
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    if sync and sync_dir:
+        fsync_dir(os.path.dirname(path))
+
+
 def dm_names() -> set[str]:
     """Names of the dm devices sysfs shows (a device being deleted may vanish mid-read)."""
     names = set()

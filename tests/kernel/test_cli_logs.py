@@ -22,24 +22,10 @@ from dmflakey_ioctl.recording import open_recording
 from dmflakey_ioctl.writelog import END_MARK, WriteLog
 
 from .cli_helpers import fails, ok
-from .helpers import dm_names, unique_name
+from .helpers import dm_names, unique_name, write_file
 
 MiB = 1 << 20
 pytestmark = pytest.mark.usefixtures("cli_bytecode_cache")
-
-
-def write(path: Path, content: bytes, *, sync: bool) -> None:
-    with open(path, "wb") as fh:
-        fh.write(content)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    if sync:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -65,9 +51,9 @@ def test_record_mark_status_list_stop_log_replay_remove(tmp_path):
 
         open_recording(name).mount(str(mnt))   # the CLI made it, this process uses it
         kept, later = os.urandom(100 * 1024), os.urandom(30 * 1024)
-        write(mnt / "kept", kept, sync=True)
+        write_file(mnt / "kept", kept, sync=True)
         assert ok("mark", name, "synced").startswith(f"{name}: mark synced")
-        write(mnt / "later", later, sync=False)
+        write_file(mnt / "later", later, sync=False)
 
         status = json.loads(ok("status", name, "--json"))
         assert (status["kind"], status["device"]) == ("recording", f"/dev/mapper/{name}")

@@ -32,7 +32,7 @@ from dmflakey_ioctl.writelog import LogFlags, WriteLog
 
 from .cli_helpers import dmflakey
 from .conftest import system_state
-from .helpers import unique_name
+from .helpers import fsync_dir, unique_name, write_file
 
 pytest_plugins = ["pytester"]
 
@@ -43,22 +43,6 @@ Workload = Callable[[str, object], None]
 
 
 # -- recording a workload ---------------------------------------------------------------------
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: str, data: bytes, sync: bool) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-
 
 @contextmanager
 def recorded(directory: Path, fs_type: str, size: int, options: str, workload: Workload
@@ -96,10 +80,9 @@ def atomic_saves(safe: bool) -> Workload:
     def workload(mnt: str, rec) -> None:
         config, temp, other = (os.path.join(mnt, n) for n in ("config", "config.tmp", "other"))
         write_file(config, config_text(0), sync=True)
-        fsync_dir(mnt)
         rec.mark("setup")
         for version in range(1, SAVES + 1):
-            write_file(temp, config_text(version), sync=safe)
+            write_file(temp, config_text(version), sync=safe, sync_dir=False)
             os.rename(temp, config)
             with open(other, "ab") as fh:
                 fh.write(b"x" * 4096)
@@ -196,7 +179,7 @@ class FilesModel:
         self.versions[name].append(data)
         if name.endswith(".tmp"):
             self.versions[name[:-4]].append(data)
-        write_file(os.path.join(mnt, name), data, sync)
+        write_file(os.path.join(mnt, name), data, sync=sync, sync_dir=False)
 
     def durable_from(self, rec, label: str, name: str, number: int, present: bool = True,
                      until: Optional[str] = None) -> None:
@@ -693,11 +676,11 @@ def test_shut_down_leaves_the_unmount_next_to_nothing_to_write(tmp_path, fs_type
     with loop.attach(str(image)) as lo:
         fs.mount(lo.path, str(mnt))
         try:
-            write_file(str(mnt / "synced"), b"synced" * 1000, sync=True)
+            write_file(str(mnt / "synced"), b"synced" * 1000, sync=True, sync_dir=False)
             write_file(str(mnt / "unsynced"), b"unsynced" * 1000, sync=False)
             assert fs.shut_down(str(mnt)) is True
             with pytest.raises(OSError) as refused:
-                write_file(str(mnt / "after"), b"x", sync=True)
+                write_file(str(mnt / "after"), b"x", sync=True, sync_dir=False)
             assert refused.value.errno == errno.EIO
             before = block_digests(image)
         finally:
