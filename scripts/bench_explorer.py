@@ -55,9 +55,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
-import platform
 import statistics
 import struct
 import sys
@@ -65,6 +63,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
+
+from benchrun import machine, rotated, verdict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -244,8 +244,7 @@ def main(argv: List[str] | None = None) -> int:
         return 2
 
     results: Dict[str, object] = {
-        "host": platform.node(), "python": platform.python_version(),
-        "kernel": platform.release(), "rounds": args.rounds, "points": args.points,
+        **machine(), "rounds": args.rounds, "points": args.points,
         "sample": args.sample, "checkpoint_every": args.checkpoint_every,
         "load_average_start": os.getloadavg()}
     missed: List[str] = []
@@ -289,7 +288,7 @@ def main(argv: List[str] | None = None) -> int:
                     "from scratch big": scratch_way}
             names = list(ways)
             for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in rotated(names, r):
                     clock = time.perf_counter()
                     ways[name]()
                     print(f"  round {r + 1}: {name:<17} {walls[name][-1]:7.1f} s"
@@ -371,14 +370,7 @@ def main(argv: List[str] | None = None) -> int:
         missed.append(f"speedup {speedup['q1']:.1f}x < {SPEEDUP_TARGET}x")
     if growth["q1"] > GROWTH_TARGET:
         missed.append(f"time per state grows {growth['q1']:.2f}x > {GROWTH_TARGET}x")
-    results["missed"] = missed
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    if missed:
-        print("MISSED: " + "; ".join(missed))
-        return 1
-    print("all targets met")
-    return 0
+    return verdict(results, missed, args.out)
 
 
 if __name__ == "__main__":

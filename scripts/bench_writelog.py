@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import random
 import statistics
 import struct
@@ -50,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
+
+from benchrun import machine, rotated, verdict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -204,7 +204,7 @@ def interleave(ways: Dict[str, Callable[[], Tuple[float, float]]], rounds: int) 
     walls: Dict[str, List[float]] = {n: [] for n in names}
     cpus: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             wall, cpu = ways[name]()
             walls[name].append(wall)
             cpus[name].append(cpu)
@@ -238,8 +238,7 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="where the scratch files go (default: the temp dir)")
     args = ap.parse_args(argv)
 
-    results: Dict[str, object] = {"host": platform.node(), "python": platform.python_version(),
-                                  "kernel": platform.release(), "rounds": args.rounds,
+    results: Dict[str, object] = {**machine(), "rounds": args.rounds,
                                   "load_average": os.getloadavg()}
     missed: List[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-writelog-", dir=args.dir) as scratch:
@@ -331,15 +330,7 @@ def main(argv: List[str] | None = None) -> int:
             log_path.unlink()
             plain.unlink()
         results["replay"] = replay_results
-
-    results["missed"] = missed
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    if missed:
-        print("MISSED: " + "; ".join(missed))
-        return 1
-    print("all targets met")
-    return 0
+    return verdict(results, missed, args.out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared helpers of the kernel suite: unique names, the dmsetup oracle, scratch images."""
+"""Shared helpers of the kernel suite: unique names, the dmsetup oracle, scratch images, files
+written durably, forks that report a line, devices whose creator was killed."""
 
 from __future__ import annotations
 
@@ -6,25 +7,30 @@ import errno
 import itertools
 import mmap
 import os
+import signal
 import subprocess
+import time
 from typing import Callable
 from pathlib import Path
 
 import pytest
+
+from dmflakey_ioctl.flakey import init_flakey
 
 _counter = itertools.count()
 CHUNK = 64 * 1024          # one O_DIRECT call of this size is one bio
 REPO = Path(__file__).resolve().parents[2]
 
 
-def child_env() -> dict[str, str]:
-    """The environment for a child Python: this checkout's package comes first.
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python: this checkout's package comes first; extra on top.
 
     An editable install may point at another checkout, and a child started in a
     temporary directory would import that one.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
     return env
 
 
@@ -56,6 +62,80 @@ def sparse_file(path: Path, size: int) -> Path:
     with open(path, "wb") as fh:
         fh.truncate(size)
     return path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory: its entries (a new name, a rename, an unlink) become durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str | os.PathLike, content: bytes, *, sync: bool, sync_dir: bool = True) -> None:
+    """Write a new file; with sync, fsync it and then (unless sync_dir is False) its directory,
+    so that the file's name is durable too."""
+    with open(path, "wb") as fh:
+        fh.write(content)
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    if sync and sync_dir:
+        fsync_dir(os.path.dirname(path))
+
+
+def read_line(fd: int) -> str:
+    """One line from a pipe (empty when the writer died first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def line_from_a_fork(child: Callable[[int], object]) -> str:
+    """Run child(fd) in a fork of this process: the line it writes to fd ("error <exception>" if
+    it raised first, "" if it died without a word).
+
+    The fork never returns into pytest; it is SIGKILLed (if it still runs) and reaped before
+    this returns.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            child(write_fd)
+        except BaseException as exc:
+            os.write(write_fd, f"error {exc!r}\n".encode())
+        finally:
+            os._exit(1)
+    os.close(write_fd)
+    try:
+        return read_line(read_fd)
+    finally:
+        os.close(read_fd)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def flakey_of_a_killed_process(name: str, directory: Path, size: int) -> tuple[str, str]:
+    """A flakey device (no filesystem, its image in directory) whose creator, a fork of this
+    process and so of this pid namespace, was SIGKILLed.  Returns the fork's word for its loop
+    device and image path."""
+    def make(fd: int) -> None:
+        dev = init_flakey(name, str(directory), None, size=size)
+        os.write(fd, f"ok {dev.loop_device} {dev.image_path}\n".encode())
+        while True:
+            time.sleep(60)
+
+    answer = line_from_a_fork(make)
+    words = answer.split()
+    assert words[:1] == ["ok"], answer
+    return words[1], words[2]
 
 
 def dm_names() -> set[str]:

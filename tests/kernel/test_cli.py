@@ -20,40 +20,11 @@ from dmflakey_ioctl.errors import DeviceNotFoundError
 from dmflakey_ioctl.flakey import open_flakey
 from dmflakey_ioctl.tables.flakey import CorruptBIOByte, FlakeyTable
 
-from .helpers import FLAKEY_FEATURE_RELEASE, dm_names, kernel_has, sparse_file, unique_name
+from .cli_helpers import ENV, fails, ok
+from .helpers import FLAKEY_FEATURE_RELEASE, REPO, dm_names, kernel_has, sparse_file, unique_name
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
-# The guest's root is read-only: without a writable bytecode cache every call compiles the package.
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def bytecode_cache(tmp_path_factory):
-    """Compile once per module, into a temp dir, for all the calls below."""
-    ENV["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("pycache"))
-
-
-def dmflakey(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dmflakey_ioctl", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-
-
-def ok(*args: str) -> str:
-    """stdout of a call that must succeed quietly."""
-    proc = dmflakey(*args)
-    assert (proc.returncode, proc.stderr) == (0, ""), f"dmflakey {' '.join(args)}: {proc}"
-    return proc.stdout
-
-
-def fails(status: int, *args: str) -> str:
-    """The one stderr line of a call that must fail with status."""
-    proc = dmflakey(*args)
-    assert proc.returncode == status, f"dmflakey {' '.join(args)}: {proc}"
-    assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("cli_bytecode_cache")
 
 
 def refused(name: str, feature: str, *args: str) -> None:

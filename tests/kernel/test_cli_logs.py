@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,55 +21,11 @@ from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.recording import open_recording
 from dmflakey_ioctl.writelog import END_MARK, WriteLog
 
-from .helpers import dm_names, unique_name
+from .cli_helpers import fails, ok
+from .helpers import dm_names, unique_name, write_file
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def bytecode_cache(tmp_path_factory):
-    """Compile once per module, into a temp dir, for all the calls below."""
-    ENV["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("pycache"))
-    yield
-    shutil.rmtree(ENV.pop("PYTHONPYCACHEPREFIX"))
-
-
-def dmflakey(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dmflakey_ioctl", *map(str, args)], cwd=REPO,
-                          env=ENV, capture_output=True, text=True, timeout=600)
-
-
-def ok(*args: object) -> str:
-    """stdout of a call that must succeed quietly."""
-    proc = dmflakey(*args)
-    assert (proc.returncode, proc.stderr) == (0, ""), f"dmflakey {args}: {proc}"
-    return proc.stdout
-
-
-def fails(status: int, *args: object) -> str:
-    """The one stderr line of a call that must fail with status."""
-    proc = dmflakey(*args)
-    assert proc.returncode == status, f"dmflakey {args}: {proc}"
-    assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
-def write(path: Path, content: bytes, *, sync: bool) -> None:
-    with open(path, "wb") as fh:
-        fh.write(content)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    if sync:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+pytestmark = pytest.mark.usefixtures("cli_bytecode_cache")
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -98,9 +51,9 @@ def test_record_mark_status_list_stop_log_replay_remove(tmp_path):
 
         open_recording(name).mount(str(mnt))   # the CLI made it, this process uses it
         kept, later = os.urandom(100 * 1024), os.urandom(30 * 1024)
-        write(mnt / "kept", kept, sync=True)
+        write_file(mnt / "kept", kept, sync=True)
         assert ok("mark", name, "synced").startswith(f"{name}: mark synced")
-        write(mnt / "later", later, sync=False)
+        write_file(mnt / "later", later, sync=False)
 
         status = json.loads(ok("status", name, "--json"))
         assert (status["kind"], status["device"]) == ("recording", f"/dev/mapper/{name}")

@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -32,35 +30,19 @@ from dmflakey_ioctl.kernel import loop
 from dmflakey_ioctl.recording import record_writes
 from dmflakey_ioctl.writelog import LogFlags, WriteLog
 
+from .cli_helpers import dmflakey
 from .conftest import system_state
-from .helpers import unique_name
+from .helpers import fsync_dir, unique_name, write_file
 
 pytest_plugins = ["pytester"]
 
 MiB = 1 << 20
-REPO = Path(__file__).resolve().parents[2]
 EXT4_SIZE, BTRFS_SIZE, XFS_SIZE = 32 * MiB, 128 * MiB, 320 * MiB
 FLUSH_OR_FUA = LogFlags.FLUSH | LogFlags.FUA
 Workload = Callable[[str, object], None]
 
 
 # -- recording a workload ---------------------------------------------------------------------
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: str, data: bytes, sync: bool) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-
 
 @contextmanager
 def recorded(directory: Path, fs_type: str, size: int, options: str, workload: Workload
@@ -98,10 +80,9 @@ def atomic_saves(safe: bool) -> Workload:
     def workload(mnt: str, rec) -> None:
         config, temp, other = (os.path.join(mnt, n) for n in ("config", "config.tmp", "other"))
         write_file(config, config_text(0), sync=True)
-        fsync_dir(mnt)
         rec.mark("setup")
         for version in range(1, SAVES + 1):
-            write_file(temp, config_text(version), sync=safe)
+            write_file(temp, config_text(version), sync=safe, sync_dir=False)
             os.rename(temp, config)
             with open(other, "ab") as fh:
                 fh.write(b"x" * 4096)
@@ -198,7 +179,7 @@ class FilesModel:
         self.versions[name].append(data)
         if name.endswith(".tmp"):
             self.versions[name[:-4]].append(data)
-        write_file(os.path.join(mnt, name), data, sync)
+        write_file(os.path.join(mnt, name), data, sync=sync, sync_dir=False)
 
     def durable_from(self, rec, label: str, name: str, number: int, present: bool = True,
                      until: Optional[str] = None) -> None:
@@ -645,14 +626,6 @@ def test_crash_recorder_fixture_in_a_users_test_file(pytester):
 
 # -- the command line -----------------------------------------------------------------------------
 
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
-
-def dmflakey(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dmflakey_ioctl", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-
-
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -661,9 +634,8 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_cli_explore_and_replay(ext4_files, tmp_path):
+def test_cli_explore_and_replay(ext4_files, tmp_path, cli_bytecode_cache):
     log = ext4_files.log
-    ENV["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
     present, gone = log.index_of("c-v1"), log.index_of("c-gone")
     html = tmp_path / "out.html"
     run = dmflakey("explore", log.path, "--check", "sh -c 'test -e \"$0/c\"'", "--points",
@@ -704,11 +676,11 @@ def test_shut_down_leaves_the_unmount_next_to_nothing_to_write(tmp_path, fs_type
     with loop.attach(str(image)) as lo:
         fs.mount(lo.path, str(mnt))
         try:
-            write_file(str(mnt / "synced"), b"synced" * 1000, sync=True)
+            write_file(str(mnt / "synced"), b"synced" * 1000, sync=True, sync_dir=False)
             write_file(str(mnt / "unsynced"), b"unsynced" * 1000, sync=False)
             assert fs.shut_down(str(mnt)) is True
             with pytest.raises(OSError) as refused:
-                write_file(str(mnt / "after"), b"x", sync=True)
+                write_file(str(mnt / "after"), b"x", sync=True, sync_dir=False)
             assert refused.value.errno == errno.EIO
             before = block_digests(image)
         finally:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import write_file
+
 SYNCED = b"fsync()ed before the power cut\n" * 100
 UNSYNCED = b"never synced\n" * 100
 # ext4 commits its journal every 5 s by default, which could make unsynced data durable
@@ -29,25 +31,11 @@ def direct_read(device: str) -> bytes:
         os.close(fd)
 
 
-def write(path: Path, data: bytes, sync: bool) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    if sync:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def loses_unsynced(dev, mnt: Path, options: str) -> None:
     mnt.mkdir()
     dev.mount(str(mnt), options)
-    write(mnt / "synced", SYNCED, sync=True)
-    write(mnt / "unsynced", UNSYNCED, sync=False)
+    write_file(mnt / "synced", SYNCED, sync=True)
+    write_file(mnt / "unsynced", UNSYNCED, sync=False)
     dev.power_failure(str(mnt), options)
     assert (mnt / "synced").read_bytes() == SYNCED
     unsynced = mnt / "unsynced"

@@ -13,7 +13,6 @@ import errno
 import fcntl
 import math
 import os
-import signal
 import stat
 import threading
 import time
@@ -33,7 +32,8 @@ from dmflakey_ioctl.ownership import UUID_PREFIX, Verdict
 from dmflakey_ioctl.fs import FSType
 from dmflakey_ioctl.tables.flakey import PROBABILITY_MAX, CorruptBIOByte, FlakeyTable
 
-from .helpers import CHUNK, Direct, assert_refused, diff, dm_names, expect_eio, kernel_has, unique_name
+from .helpers import (CHUNK, Direct, assert_refused, diff, dm_names, expect_eio, flakey_of_a_killed_process,
+                      kernel_has, unique_name)
 
 MiB = 1 << 20
 SIZE = {FSType.EXT4: 64 * MiB, FSType.XFS: fs.MIN_SIZE[FSType.XFS], FSType.BTRFS: fs.MIN_SIZE[FSType.BTRFS],
@@ -766,33 +766,8 @@ def test_cleanup_stale_removes_a_killed_owner_s_device_only(make, tmp_path):
     child_dir = tmp_path / "child"
     child_dir.mkdir()
     name = unique_name("dmfi-stale")
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: make a device, report it, wait to be killed
-        try:
-            os.close(ready_r)
-            dev = init_flakey(name, str(child_dir), None, size=SIZE[None])
-            os.write(ready_w, f"ok {dev.loop_device} {dev.image_path}\n".encode())
-            while True:
-                time.sleep(60)
-        except BaseException as exc:
-            os.write(ready_w, f"error {exc!r}\n".encode())
-        finally:
-            os._exit(1)
-    os.close(ready_w)
     try:
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = os.read(ready_r, 4096)
-            if not chunk:
-                break
-            answer += chunk
-        words = answer.decode().split()
-        assert words[:1] == ["ok"], answer
-        loop_device, image = words[1], words[2]
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pid = 0
+        loop_device, image = flakey_of_a_killed_process(name, child_dir, SIZE[None])
         assert name in dm_names() and bound_loops(image) == [os.path.basename(loop_device)]
         assert open_flakey(name).owner.verdict() is Verdict.STALE
 
@@ -802,9 +777,5 @@ def test_cleanup_stale_removes_a_killed_owner_s_device_only(make, tmp_path):
         assert_intact(mine)
         assert cleanup_stale() == []
     finally:
-        os.close(ready_r)
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
         if name in dm_names():
             open_flakey(name).teardown()

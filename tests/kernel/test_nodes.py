@@ -20,10 +20,8 @@ from dmflakey_ioctl import fs
 
 from dmflakey_ioctl.kernel import dm, loop
 
-from .helpers import dm_names, sparse_file, unique_name
+from .helpers import child_env, dm_names, sparse_file, unique_name
 
-REPO = Path(__file__).resolve().parents[2]
-PACKAGE = REPO / "dmflakey_ioctl"
 IMAGE_SIZE = 16 << 20
 MARK = b"written through /dev/mapper"
 MARK_OFFSET = 12288
@@ -32,12 +30,9 @@ MARK_OFFSET = 12288
 MINIMAL_DEV = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9),
                "tty": (5, 0)}
 
-# Shared by both children: the whole loop + dm life cycle through the library, reported as JSON.
-CHILD_COMMON = r'''
-import ctypes, json, os, stat, sys, traceback
-
-image, name, mark, mark_offset = sys.argv[1], sys.argv[2], sys.argv[3].encode(), int(sys.argv[4])
-report = {}
+# What a child reports of a device node (its kind and numbers) and of a block device in sysfs.
+NODE_FACTS = r'''
+import os, stat
 
 
 def node(path):
@@ -52,6 +47,14 @@ def node(path):
 def sysfs_dev(block):
     with open(f"/sys/block/{block}/dev") as fh:
         return [int(x) for x in fh.read().split(":")]
+'''
+
+# Shared by both children: the whole loop + dm life cycle through the library, reported as JSON.
+CHILD_COMMON = NODE_FACTS + r'''
+import ctypes, json, sys, traceback
+
+image, name, mark, mark_offset = sys.argv[1], sys.argv[2], sys.argv[3].encode(), int(sys.argv[4])
+report = {}
 
 
 def life_cycle():
@@ -155,25 +158,11 @@ run(minimal_dev)
 '''
 
 # init_flakey with ext4 where /dev is an EMPTY tmpfs: not even /dev/null (mkfs must not need it).
-CHILD_EMPTY_DEV = PRIVATE_DEV + r'''
+CHILD_EMPTY_DEV = PRIVATE_DEV + NODE_FACTS + r'''
 import json, sys, traceback
 
 folder, name, mark = sys.argv[1], sys.argv[2], sys.argv[3]
 report = {}
-
-
-def node(path):
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    kind = "chr" if stat.S_ISCHR(st.st_mode) else "blk" if stat.S_ISBLK(st.st_mode) else "other"
-    return {"kind": kind, "rdev": [os.major(st.st_rdev), os.minor(st.st_rdev)]}
-
-
-def sysfs_dev(block):
-    with open(f"/sys/block/{block}/dev") as fh:
-        return [int(x) for x in fh.read().split(":")]
 
 
 def main():
@@ -271,13 +260,6 @@ def run_child(script: str, *args: str, env: dict[str, str] | None = None) -> dic
     assert "error" not in report, f"child failed:\n{report['error']}\nstderr: {proc.stderr.strip()[-1000:]}"
     assert proc.returncode == 0, proc.stderr
     return report
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env.update(extra)
-    return env
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ from the library.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,23 +17,12 @@ from dmflakey_ioctl.errors import DMFlakeyError, DeviceNotFoundError
 from dmflakey_ioctl.flakey import init_flakey, open_flakey
 from dmflakey_ioctl.kernel import loop
 
+from .cli_helpers import dmflakey
 from .helpers import dm_names, dmsetup, sparse_file, unique_name
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 MARK = b"the other tool's data\n"
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def bytecode_cache(tmp_path_factory):
-    """The guest's root is read-only: compile the package once, into a temp dir, for every call."""
-    ENV["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("pycache"))
-
-
-def dmflakey(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dmflakey_ioctl", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+pytestmark = pytest.mark.usefixtures("cli_bytecode_cache")
 
 
 def bound_loops(image: Path) -> list[str]:

@@ -38,8 +38,8 @@ from dmflakey_ioctl.kernel import dm, loop
 from dmflakey_ioctl.ownership import Kind, Owner, Verdict
 from dmflakey_ioctl.tables.flakey import FlakeyTable
 
-from .helpers import (child_env, dm_names, dmsetup, kernel_has, loop_backing_files, sparse_file,
-                      unique_name)
+from .helpers import (child_env, dm_names, dmsetup, flakey_of_a_killed_process, kernel_has,
+                      line_from_a_fork, loop_backing_files, read_line, sparse_file, unique_name)
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -48,17 +48,6 @@ ROUNDS = 10   # refusals of one device while another thread's device is refused
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-def read_line(fd: int) -> str:
-    """One line from a pipe (empty when the writer died first)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode().strip()
-
 
 def loops_holding(image: str) -> List[str]:
     """Loop devices whose backing file is image, deleted or not."""
@@ -125,27 +114,7 @@ def kill_after_made(directory: Path) -> tuple[str, str]:
     Returns (name, image).
     """
     name = unique_name("dmfi-own-killed")
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: make the device, say so, wait for the kill
-        try:
-            os.close(ready_r)
-            init_flakey(name, str(directory), None, size=SIZE)
-            os.write(ready_w, b"ok\n")
-            while True:
-                time.sleep(60)
-        except BaseException as exc:
-            os.write(ready_w, f"error {exc!r}\n".encode())
-        finally:
-            os._exit(1)
-    os.close(ready_w)
-    try:
-        answer = read_line(ready_r)
-    finally:
-        os.close(ready_r)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    assert answer == "ok", answer
+    flakey_of_a_killed_process(name, directory, SIZE)
     return name, str(directory / f"{name}.img")
 
 
@@ -666,26 +635,17 @@ def test_a_process_killed_before_its_dm_device_exists_leaves_no_bound_loop_devic
     name = unique_name("dmfi-own-window")
     leftovers.append(name)
     image = str(tmp_path / f"{name}.img")
-    report_r, report_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: die at the moment the dm device would be created, the loop device bound
-        try:
-            os.close(report_r)
 
-            def killed_instead(*args: object, **kwargs: object) -> None:
-                os.write(report_w, f"{','.join(loops_holding(image))}\n".encode())
-                os.kill(os.getpid(), signal.SIGKILL)
+    def die_as_the_dm_device_would_be_made(report_w: int) -> None:
+        """Report the loop device bound by then, and die."""
+        def killed_instead(*args: object, **kwargs: object) -> None:
+            os.write(report_w, f"{','.join(loops_holding(image))}\n".encode())
+            os.kill(os.getpid(), signal.SIGKILL)
 
-            dm.create = killed_instead   # this fork's own copy of the module
-            init_flakey(name, str(tmp_path), None, size=SIZE)
-        finally:
-            os._exit(1)
-    os.close(report_w)
-    try:
-        bound = read_line(report_r)
-    finally:
-        os.close(report_r)
-        os.waitpid(pid, 0)
+        dm.create = killed_instead   # this fork's own copy of the module
+        init_flakey(name, str(tmp_path), None, size=SIZE)
+
+    bound = line_from_a_fork(die_as_the_dm_device_would_be_made)
     assert re.fullmatch(r"loop\d+", bound), bound   # it was bound when the process died
     deadline = time.monotonic() + 5
     while loops_holding(image) and time.monotonic() < deadline:

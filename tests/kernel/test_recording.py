@@ -34,7 +34,7 @@ from dmflakey_ioctl.cleanup import list_owned
 from dmflakey_ioctl.recording import Recording, open_recording, record_writes
 from dmflakey_ioctl.writelog import END_MARK, LogFlags, WriteLog
 
-from .helpers import Direct, dm_names, sparse_file, unique_name
+from .helpers import Direct, dm_names, fsync_dir, sparse_file, unique_name, write_file
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
@@ -53,25 +53,6 @@ def wait_until(condition, message: str, timeout: float = 10.0) -> None:
 
 def data(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-def write_file(path: str, content: bytes, *, sync: bool) -> None:
-    """Write a new file; with sync, fsync it and its directory (the entry is durable too)."""
-    with open(path, "wb") as fh:
-        fh.write(content)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    if sync:
-        fsync_dir(os.path.dirname(path))
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def same_files(a: Path, b: Path, chunk: int = 4 * MiB) -> Optional[int]:
