@@ -1,26 +1,23 @@
 """The dmflakey command as a user runs it, for the kernel tests of the command line.
 
-Every call is a new Python process.  The guest's root is read-only, so the calls
-share a writable bytecode cache (the `cli_bytecode_cache` fixture of conftest.py
-puts it in ENV) instead of compiling the package each time.
+Every call is a new Python process.  The guest's root is read-only: scripts/vm
+compiles the checkout on the host before it boots, so the calls find bytecode
+(a per-test PYTHONPYCACHEPREFIX would make each call compile the whole standard
+library, for PYTHONDONTWRITEBYTECODE is set in the guest).
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 from .helpers import REPO
 
-# Bytecode is written (to the cache dir the fixture names); the rest as the test runs.
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-
 
 def dmflakey(*args: object) -> subprocess.CompletedProcess:
     """One call of the command from the checkout's root; output captured as text."""
     return subprocess.run([sys.executable, "-m", "dmflakey_ioctl", *map(str, args)], cwd=REPO,
-                          env=ENV, capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600)
 
 
 def ok(*args: object) -> str:

@@ -11,7 +11,6 @@ that the suite left behind is reported as an error.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ import pytest
 from dmflakey_ioctl.kernel.dm import check_device_mapper
 from dmflakey_ioctl.errors import KernelSupportError
 
-from . import cli_helpers
 from .helpers import dm_names
 
 REQUIRED = os.environ.get("DMFLAKEY_IN_GUEST") == "1" or os.environ.get("DMFLAKEY_REQUIRE_KERNEL") == "1"
@@ -95,11 +93,3 @@ def no_leaks():
     leaked = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
     assert not leaked, f"the kernel suite leaked: {leaked}"
 
-
-@pytest.fixture(scope="module")
-def cli_bytecode_cache(tmp_path_factory):
-    """For the calls of cli_helpers.dmflakey in one module: the package compiled once, into a
-    temp dir (the guest's root is read-only), removed at the module's end."""
-    cli_helpers.ENV["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("pycache"))
-    yield
-    shutil.rmtree(cli_helpers.ENV.pop("PYTHONPYCACHEPREFIX"))

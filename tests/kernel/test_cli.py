@@ -20,11 +20,10 @@ from dmflakey_ioctl.errors import DeviceNotFoundError
 from dmflakey_ioctl.flakey import open_flakey
 from dmflakey_ioctl.tables.flakey import CorruptBIOByte, FlakeyTable
 
-from .cli_helpers import ENV, fails, ok
+from .cli_helpers import fails, ok
 from .helpers import FLAKEY_FEATURE_RELEASE, REPO, dm_names, kernel_has, sparse_file, unique_name
 
 MiB = 1 << 20
-pytestmark = pytest.mark.usefixtures("cli_bytecode_cache")
 
 
 def refused(name: str, feature: str, *args: str) -> None:
@@ -141,7 +140,7 @@ sys.stdin.read()
 def test_cleanup_removes_what_a_killed_creator_left(names, tmp_path):
     name = names()
     child = subprocess.Popen([sys.executable, "-c", CRASHING_CREATOR, name, str(tmp_path)],
-                             cwd=REPO, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True)
     try:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"

@@ -13,8 +13,6 @@ import os
 import re
 from pathlib import Path
 
-import pytest
-
 from dmflakey_ioctl import mount, umount
 from dmflakey_ioctl.errors import DeviceNotFoundError
 from dmflakey_ioctl.kernel import dm, loop
@@ -25,7 +23,6 @@ from .cli_helpers import fails, ok
 from .helpers import dm_names, unique_name, write_file
 
 MiB = 1 << 20
-pytestmark = pytest.mark.usefixtures("cli_bytecode_cache")
 
 
 def same_bytes(a: Path, b: Path) -> bool:

@@ -634,7 +634,7 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_cli_explore_and_replay(ext4_files, tmp_path, cli_bytecode_cache):
+def test_cli_explore_and_replay(ext4_files, tmp_path):
     log = ext4_files.log
     present, gone = log.index_of("c-v1"), log.index_of("c-gone")
     html = tmp_path / "out.html"

@@ -22,7 +22,6 @@ from .helpers import dm_names, dmsetup, sparse_file, unique_name
 
 MiB = 1 << 20
 MARK = b"the other tool's data\n"
-pytestmark = pytest.mark.usefixtures("cli_bytecode_cache")
 
 
 def bound_loops(image: Path) -> list[str]:
