@@ -19,13 +19,12 @@ Design, so that the cost is one pass over the log plus a small constant per stat
   mounted, the check runs, and replay continues.  The view's filesystem is
   then shut down (FS_IOC_SHUTDOWN without a log flush, where it has the
   ioctl) before its unmount: nothing of it is kept, so nothing of it need be
-  written back (ext4 still writes a few blocks; in the guest an ext4 unmount
-  took about half the time after it).  A state's kernel log ends with
-  its check, before that teardown.
+  written back (ext4 still writes a few blocks), and the unmount is quicker.
+  A state's kernel log ends with its check, before that teardown.
 * One dm device shows every view: made at the first state, removed at the
   end.  Each state swaps a fresh snapshot table into it (a load and a resume,
-  two ioctls), which in the test guest costs a tenth of making and removing a
-  device per state (22 ms against 210 ms, median).  The tables alternate
+  two ioctls), about a tenth of the cost of making and removing a device per
+  state (the README's "Performance" has the figures).  The tables alternate
   between two COW devices: a snapshot loaded over the COW device of the table
   it replaces would be handed that table's exceptions (dm-snapshot's
   handover), the previous state's writes.  Nobody may have the device open at

@@ -85,7 +85,7 @@ MARKER = b"written first, fsynced: present in every state checked\n"
 
 def quartiles(values: Sequence[float]) -> Dict[str, float]:
     values = list(values)
-    q1 = statistics.quantiles(values, n=4)[0] if len(values) >= 2 else values[0]
+    q1 = statistics.quantiles(values, n=4, method="inclusive")[0] if len(values) >= 2 else values[0]
     return {"median": statistics.median(values), "q1": q1, "min": min(values),
             "max": max(values), "n": len(values)}
 

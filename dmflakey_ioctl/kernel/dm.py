@@ -9,7 +9,7 @@ file; the module-level functions use one shared, lazily opened instance.
 
 Device nodes: after a resume, ``/dev/mapper/<name>`` exists.  Where a running
 udev has device-mapper rules it creates the node and we wait for it (bounded);
-everywhere else (containers, the test guest) we mknod it from the device number
+everywhere else (containers, minimal systems) we mknod it from the device number
 the kernel returned, and unlink it again on remove.
 """
 
