@@ -32,9 +32,12 @@ Design, so that the cost is one pass over the log plus a small constant per stat
   would go stale): that is checked first.
 * ``reorder=K`` adds, per crash point, up to K states in which only a random
   subset (from ``seed``) of the writes logged since the previous flush
-  persisted, as a disk may reorder writes between flushes.  They are built on
-  a snapshot of the state at that flush, before replay moves past it: the
-  kept writes are applied to the snapshot alone.  FUA writes always persist.
+  persisted, as a disk may reorder writes between flushes.  Only a FLUSH
+  entry orders the writes before it; a FUA write persists itself (it is
+  always kept) and nothing else.  The states are built on a view of the state
+  at that flush, the origin not replayed past it: the kept writes are applied
+  to the view alone.  The crash point itself is built the same way (every
+  write kept) while a later point still needs the state at that flush.
 * Every device, loop device, image, mount point and mount is removed at the
   end, also after a failed check, a failed mount or an exception.  The
   devices carry an owner uuid of kind ``scratch``: a killed explorer's are
@@ -216,46 +219,68 @@ def explore(log: WriteLog, check: Check, *, points: Points = "flush",
             replayer = undo.enter_context(log.replayer(views.origin.path))
             rng = random.Random(seed)
             state = _StateRunner(log, views, check, mount_options, fsck, timeline.marks, states)
-            flushes = log.flush_points()
-            for point in chosen:
+            barriers = [i for i in log.flush_points() if log[i].flags & LogFlags.FLUSH]
+            bases = [_previous_flush(barriers, point) for point in chosen] if reorder else []
+            for n, point in enumerate(chosen):
+                checked = len(states)
                 if reorder:
-                    base = _previous_flush(flushes, point)
+                    # the origin stays at the last flush before the point: the states in between
+                    # are built on the view, and the next point may need this flush's state too
+                    base = bases[n]
                     if replayer.position <= base:
                         state.timed_replay(replayer, base)
-                    for kept, dropped in _subsets(log, replayer.position - 1, point, reorder, rng):
+                    writes, always = _unflushed(log, base, point)
+                    for kept, dropped in _subsets(writes, always, reorder, rng):
                         state.check_state(point, kept=kept, dropped=dropped)
-                state.timed_replay(replayer, point)
-                state.check_state(point)
-                if stop_on_failure and states and not states[-1].ok:
+                    if n + 1 < len(chosen) and bases[n + 1] < point:
+                        state.check_state(point, kept=sorted(writes + always))
+                    else:
+                        state.timed_replay(replayer, point)
+                        state.check_state(point)
+                else:
+                    state.timed_replay(replayer, point)
+                    state.check_state(point)
+                if stop_on_failure and not all(s.ok for s in states[checked:]):
                     break
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.path.ismount(os.path.join(work, "mnt")):   # never delete through a mount left busy
+            shutil.rmtree(work, ignore_errors=True)
     settings = {"after": after, "reorder": reorder, "seed": seed, "fsck": list(fsck or []),
                 "mount_options": mount_options}
     return CrashReport(log_path=log.path, points=_points_label(points), states=states,
                        elapsed=time.monotonic() - started, timeline=timeline, settings=settings)
 
 
-def _previous_flush(flushes: Sequence[int], point: int) -> int:
-    """The last FLUSH or FUA entry before point (-1 when none): what had surely persisted."""
-    position = bisect.bisect_left(flushes, point)
-    return flushes[position - 1] if position else -1
+def _previous_flush(barriers: Sequence[int], point: int) -> int:
+    """The last FLUSH entry before point (-1 when none): every write before it had persisted.
 
-
-def _subsets(log: WriteLog, base: int, point: int, limit: int, rng: random.Random
-             ) -> Iterator[Tuple[List[int], Tuple[int, ...]]]:
-    """Up to limit distinct (kept, dropped) splits of the writes in (base, point].
-
-    A FUA write persisted when it completed, so it is always kept; a split that
-    keeps every write (the crash point itself) or none (the state at base) is
-    no new state.
+    Only a flush orders the writes before it; a FUA write makes itself durable
+    and nothing else.
     """
-    writes, always = [], []
+    position = bisect.bisect_left(barriers, point)
+    return barriers[position - 1] if position else -1
+
+
+def _unflushed(log: WriteLog, base: int, point: int) -> Tuple[List[int], List[int]]:
+    """The writes (discards included) in (base, point]: those a disk may have lost, and the
+    FUA ones, which persisted when they completed."""
+    writes: List[int] = []
+    always: List[int] = []
     for index in range(base + 1, point + 1):
         entry = log[index]
         if entry.flags & LogFlags.MARK or (entry.nr_sectors == 0 and not entry.flags & LogFlags.DISCARD):
             continue
         (always if entry.flags & LogFlags.FUA else writes).append(index)
+    return writes, always
+
+
+def _subsets(writes: List[int], always: List[int], limit: int, rng: random.Random
+             ) -> Iterator[Tuple[List[int], Tuple[int, ...]]]:
+    """Up to limit distinct (kept, dropped) splits of writes; the always ones are kept.
+
+    A split that keeps every write (the crash point itself) or none (the state
+    at the flush) is no new state.
+    """
     count = len(writes)
     possible = 2 ** count - 2 if count > 1 else 0
     seen = set()
@@ -298,9 +323,10 @@ class _StateRunner:
         with KernelLogTail() as kernel:
             clock = time.monotonic()
             device = self.views.show_current_state()
-            if kept is not None:   # a reordered state: the kept writes onto the view alone
+            if kept is not None:   # built on the view: the kept writes onto it alone
                 with self.log.replayer(device) as onto_view:
                     onto_view.apply_only(kept)
+                    onto_view.flush()
             timings["snapshot"] = time.monotonic() - clock
             error, lines = self._examine(device, timings, kernel)
         if error is not None and error.startswith(_MOUNT_FAILED) and lines:
@@ -308,7 +334,7 @@ class _StateRunner:
         self.states.append(CrashState(
             index=len(self.states), entry=point,
             label_before=_last_mark_at_or_before(self.marks, point), ok=error is None,
-            error=error, kernel_log=lines, kind="point" if kept is None else "reorder",
+            error=error, kernel_log=lines, kind="reorder" if dropped else "point",
             dropped=dropped, timings=timings))
 
     def _examine(self, device: str, timings: dict, kernel: KernelLogTail
@@ -334,7 +360,9 @@ class _StateRunner:
         clock = time.monotonic()
         try:
             self.check(mount_point)
-        except Exception as exc:  # a failed check is the verdict, whatever it raised
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # the verdict, whatever it raised (pytest.fail() included)
             error = describe_exception(exc)
         finally:
             timings["check"] = time.monotonic() - clock

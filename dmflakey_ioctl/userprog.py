@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 from typing import Sequence, Tuple
 
 from .errors import InvalidArgumentError, ProgramNotFoundError, program_start_error
 
-__all__ = ["run_user_program"]
+__all__ = ["run_user_program", "require_program"]
 
 
 def run_user_program(argv: Sequence[str], operation: str, timeout: float = 600.0
@@ -37,3 +38,16 @@ def run_user_program(argv: Sequence[str], operation: str, timeout: float = 600.0
         return -1, (exc.output or b"").decode("utf-8", "replace") + \
             f"\n(killed after {timeout:.0f} s)"
     return result.returncode, result.stdout.decode("utf-8", "replace")
+
+
+def require_program(argv: Sequence[str], operation: str) -> None:
+    """ProgramNotFoundError now, before any work, when argv's program cannot be found.
+
+    For a program run many times later whose absence would otherwise show as
+    every run failing (a check command of the explorer).
+    """
+    if not argv:
+        raise InvalidArgumentError(operation, None, "the command is empty")
+    if shutil.which(argv[0]) is None:
+        raise ProgramNotFoundError(operation, argv[0], "no such program (not in PATH, or not "
+                                   "executable)", errno.ENOENT, program=argv[0])

@@ -9,7 +9,7 @@ import shlex
 from typing import Any, Union
 
 from ..fs import FSType
-from ..userprog import run_user_program
+from ..userprog import require_program, run_user_program
 from ..recording import DEFAULT_RECORDING_SIZE, open_recording, record_writes_to
 from ..writelog import WriteLog
 from .args import device_name, integer, parse_size
@@ -101,6 +101,9 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     from ..explorer import explore
     check_argv = shlex.split(args.check)
     fsck = shlex.split(args.fsck) if args.fsck else None
+    require_program(check_argv, "explore")   # a typo fails now, not as every state failing
+    if fsck:
+        require_program(fsck, "explore")
 
     def check(mount_point: str) -> None:
         status, output = run_user_program(check_argv + [mount_point], "explore")

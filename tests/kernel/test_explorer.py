@@ -30,7 +30,7 @@ from dmflakey_ioctl.kernel import loop
 from dmflakey_ioctl.recording import record_writes
 from dmflakey_ioctl.writelog import LogFlags, WriteLog
 
-from .cli_helpers import dmflakey
+from .cli_helpers import dmflakey, fails
 from .conftest import system_state
 from .helpers import fsync_dir, unique_name, write_file
 
@@ -387,7 +387,9 @@ def apply_entries(image: bytearray, log: WriteLog, indexes) -> None:
 
 
 def previous_flush(log: WriteLog, point: int) -> int:
-    return max((i for i in range(point) if log[i].flags & FLUSH_OR_FUA), default=-1)
+    """The last entry before point with a preflush: the block layer's only ordering point (a FUA
+    write makes itself durable, not the writes before it)."""
+    return max((i for i in range(point) if log[i].flags & LogFlags.FLUSH), default=-1)
 
 
 def droppable(log: WriteLog, base: int, point: int) -> List[int]:
@@ -402,6 +404,12 @@ def test_reorder_states_lack_exactly_their_dropped_writes(ext4_files, tmp_path):
                   if len(droppable(log, previous_flush(log, p), p)) >= 3]
     points = evenly(candidates, 4)
     assert len(points) >= 3, "the workload left too few flush points with unflushed writes"
+    # and a point between two flushes, before a flush point: the two share the flush before them
+    last = points[-1]
+    writes = droppable(log, previous_flush(log, last), last)
+    middle = writes[len(writes) // 2]
+    assert middle < last and len(droppable(log, previous_flush(log, middle), middle)) >= 2
+    points = sorted(points + [middle])
     # the "fsck" sees each view before the mount (which writes: journal recovery, orphans)
     sums = tmp_path / "md5sums"
     reorder = 3
@@ -492,7 +500,7 @@ def leftovers() -> Dict[str, set]:
     return state
 
 
-@pytest.mark.parametrize("how", ["passes", "fails", "raises", "interrupted"])
+@pytest.mark.parametrize("how", ["passes", "fails", "raises", "pytest.fail", "interrupted"])
 def test_nothing_leaks(ext4_files, how):
     log = ext4_files.log
     points = crash_points(log, "flush", "a-v1")[:3]
@@ -505,6 +513,8 @@ def test_nothing_leaks(ext4_files, how):
             assert not mount_point, "deliberately failed"
         if how == "raises":
             raise OSError(errno.EIO, "deliberate I/O error")
+        if how == "pytest.fail":   # pytest's outcome exceptions are BaseExceptions
+            pytest.fail("deliberately failed by pytest.fail")
         if how == "interrupted" and len(during) == 2:
             raise KeyboardInterrupt
 
@@ -518,8 +528,9 @@ def test_nothing_leaks(ext4_files, how):
         if how == "passes":
             assert report.ok
         else:
-            words = "deliberately failed" if how == "fails" else \
-                "OSError: [Errno 5] deliberate I/O error (EIO)"
+            words = {"fails": "deliberately failed",
+                     "pytest.fail": "deliberately failed by pytest.fail",
+                     "raises": "OSError: [Errno 5] deliberate I/O error (EIO)"}[how]
             assert not report.ok and all(words in s.error for s in report.states), \
                 report.describe_failures()
             assert all("test_explorer.py" in s.error for s in report.states)
@@ -648,6 +659,9 @@ def test_cli_explore_and_replay(ext4_files, tmp_path):
     run = dmflakey("explore", log.path, "--check", "sh -c 'test -e \"$0/c\"'", "--points",
                    f"{present},")   # a list of one entry (a bare number N means every Nth entry)
     assert run.returncode == 0 and "all passed" in run.stdout, run
+    # a check command that does not exist fails the call, not every state
+    line = fails(1, "explore", log.path, "--check", "no-such-checker -x", "--points", f"{present},")
+    assert "no-such-checker" in line and "no such program" in line and "ENOENT" in line, line
     image, oracle = tmp_path / "cli.img", tmp_path / "materialized.img"
     run = dmflakey("replay", log.path, "--until", "c-v1", "--to", str(image))
     assert run.returncode == 0, run
