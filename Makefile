@@ -9,7 +9,7 @@
 
 PYTHON ?= python3
 PY := $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
-PYTEST_GUEST_OPTS := -p no:cacheprovider --color=no
+PYTEST_GUEST_OPTS := -p no:cacheprovider --color=no --durations=15
 # the guest's kernel: 6.12 (default), 6.1 or 5.10 (scripts/vm --kernel-package)
 KERNEL ?= 6.12
 KERNELS := 6.12 6.1 5.10

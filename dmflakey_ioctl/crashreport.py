@@ -18,6 +18,7 @@ import json
 import os
 import re
 import traceback
+from types import TracebackType
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -73,7 +74,7 @@ def describe_exception(exc: BaseException) -> str:
     name = errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else ""
     if name and name not in message:  # "[Errno 117] Structure needs cleaning" says less
         text += f" ({name})"
-    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    frames = _shown_frames(exc.__traceback__)
     if frames:
         last = frames[-1]
         where = f"at {os.path.basename(last.filename)}:{last.lineno} in {last.name}"
@@ -81,6 +82,17 @@ def describe_exception(exc: BaseException) -> str:
             where += f": {last.line.strip()}"
         text += "\n" + where
     return clean_text(text)
+
+
+def _shown_frames(tb: Optional[TracebackType]) -> traceback.StackSummary:
+    """The traceback's frames without those that ask to be hidden (``__tracebackhide__``, as
+    ``pytest.fail()`` does), so that a check's failure points at the check."""
+    shown = []
+    while tb is not None:
+        if not tb.tb_frame.f_locals.get("__tracebackhide__"):
+            shown.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    return traceback.StackSummary.extract(shown)
 
 
 def describe_fsck(argv: Sequence[str], returncode: int, output: Union[str, bytes],

@@ -20,7 +20,7 @@ from dmflakey_ioctl.errors import DeviceNotFoundError
 from dmflakey_ioctl.flakey import open_flakey
 from dmflakey_ioctl.tables.flakey import CorruptBIOByte, FlakeyTable
 
-from .cli_helpers import fails, ok
+from .cli_helpers import dmflakey, dmflakey_exec, fails, ok
 from .helpers import FLAKEY_FEATURE_RELEASE, REPO, dm_names, kernel_has, sparse_file, unique_name
 
 MiB = 1 << 20
@@ -168,8 +168,18 @@ def test_demo_sqlite():
     assert "synchronous=OFF:" in out and "cleaned up" in out
 
 
-def test_errors_are_one_line():
-    assert "no such device" in fails(1, "status", unique_name("dmfl-cli-missing"))
-    line = fails(2, "corrupt-bio-byte", "x", "--byte", "0", "--direction", "r", "--value", "1")
+@pytest.mark.parametrize("run", [dmflakey, dmflakey_exec], ids=["fork", "python -m"])
+def test_errors_are_one_line(run):
+    assert "no such device" in fails(1, "status", unique_name("dmfl-cli-missing"), run=run)
+    line = fails(2, "corrupt-bio-byte", "x", "--byte", "0", "--direction", "r", "--value", "1", run=run)
     assert "--byte" in line
-    assert "--size" in fails(2, "create", "x", "--image", "/tmp/never-made.img")
+    assert "--size" in fails(2, "create", "x", "--image", "/tmp/never-made.img", run=run)
+
+
+def test_python_m_runs_the_command():
+    """The entry point itself, in a new interpreter: --version, and a device listed."""
+    proc = dmflakey_exec("--version")
+    assert (proc.returncode, proc.stderr) == (0, "") and proc.stdout.startswith("dmflakey "), proc
+    proc = dmflakey_exec("list", "--json")
+    assert (proc.returncode, proc.stderr) == (0, ""), proc
+    assert isinstance(json.loads(proc.stdout), list)
