@@ -330,7 +330,9 @@ def test_every_flush_state_mounts_and_holds_whole_versions(request, fs_type):
     # kernel rate-limits some mount messages, so not every state has one)
     assert not [line for state in report.states for line in state.kernel_log
                 if "shut" in line.lower() or "unmount" in line.lower()]
-    assert any("mount" in line.lower() for line in report.states[0].kernel_log), \
+    # (the words differ: btrfs on 5.10 says "has skinny extents", not "mounting"; every line of
+    # the mount names the view's device)
+    assert any("dm-" in line or "dmflakey-crash-" in line for line in report.states[0].kernel_log), \
         report.states[0].kernel_log
     # the model is not vacuous: the states saw a's three versions, c come and go, b and d at the end
     seen_a = {tree.get("a") for tree in check.trees}
