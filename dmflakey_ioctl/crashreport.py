@@ -18,8 +18,8 @@ import json
 import os
 import re
 import traceback
-from types import TracebackType
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import InvalidArgumentError
